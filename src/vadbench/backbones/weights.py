@@ -1,0 +1,169 @@
+"""Turn a backbone spec into ``<dir>/weights.safetensors`` + ``<dir>/card.json``.
+
+Every weight source ends in the same two files, so the AD stages never care where weights came
+from, and DVC hashes exactly what they use. The card records the input normalisation the weights
+were trained with; the feature extractor applies exactly that (never ImageNet stats on fractal
+weights, the mistake the fractal-AD paper's code makes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from vadbench.io import atomic_dir, sha256_file
+
+WEIGHTS = "weights.safetensors"
+CARD = "card.json"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+INITS = ("random", "fractal", "imagenet", "file")
+
+
+@dataclass
+class BackboneCard:
+    """What a stage needs to know about a weights file (written as ``card.json``)."""
+
+    arch: str
+    init: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    weights_sha256: str = ""
+    source: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+
+def read_card(backbone_dir: Path) -> BackboneCard:
+    path = Path(backbone_dir) / CARD
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: run the backbones stage first")
+    d = json.loads(path.read_text())
+    return BackboneCard(
+        arch=d["arch"],
+        init=d["init"],
+        mean=tuple(d["mean"]),
+        std=tuple(d["std"]),
+        weights_sha256=d.get("weights_sha256", ""),
+        source=d.get("source", ""),
+        extra=d.get("extra", {}),
+    )
+
+
+def _load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        return load_file(str(path))
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    # accept raw state dicts and the usual {"state_dict": ...} / {"model": ...} wrappers
+    for key in ("state_dict", "model"):
+        if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"{path}: expected a state dict of tensors")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def _check_loads(arch: str, state: dict[str, torch.Tensor], source: Path) -> None:
+    import timm
+
+    model = timm.create_model(arch, pretrained=False)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    body_missing = [k for k in missing if not k.startswith(model.default_cfg.get("classifier", "fc"))]
+    if body_missing or unexpected:
+        raise ValueError(
+            f"{source}: weights do not fit timm architecture {arch!r} "
+            f"(missing {body_missing[:5]}..., unexpected {list(unexpected)[:5]}...)"
+        )
+
+
+def materialize_backbone(
+    out_dir: Path,
+    *,
+    arch: str,
+    init: str,
+    seed: int = 0,
+    pretrain_dir: Path | None = None,
+    file: Path | None = None,
+    mean: tuple[float, float, float] | None = None,
+    std: tuple[float, float, float] | None = None,
+) -> BackboneCard:
+    """Write weights + card for one backbone into `out_dir` (atomically).
+
+    init ``random``: seeded timm init; ``fractal``: the pretrain stage's ``pretrain_dir``;
+    ``imagenet``/``file``: a local weights file (never downloaded). `mean`/`std` override the
+    normalisation (required for ``file`` when the weights do not come with a card).
+    """
+    import timm
+
+    if init not in INITS:
+        raise ValueError(f"backbone init must be one of {INITS}, got {init!r}")
+    extra: dict[str, Any] = {}
+    if init == "random":
+        torch.manual_seed(seed)
+        state = timm.create_model(arch, pretrained=False).state_dict()
+        source = f"timm default init, seed {seed}"
+        default_mean, default_std = IMAGENET_MEAN, IMAGENET_STD
+    elif init == "fractal":
+        if pretrain_dir is None:
+            raise ValueError("init 'fractal' needs pretrain_dir (the pretrain stage output)")
+        pre_card = read_card(pretrain_dir)
+        if pre_card.arch.split(".")[0] != arch.split(".")[0]:
+            raise ValueError(
+                f"backbone arch {arch!r} differs from the fractal-pretrained arch {pre_card.arch!r} "
+                f"in {pretrain_dir}: set pretrain.arch to match"
+            )
+        state = load_file(str(Path(pretrain_dir) / WEIGHTS))
+        source = f"fractal pretraining ({pretrain_dir})"
+        default_mean, default_std = pre_card.mean, pre_card.std
+        extra = pre_card.extra
+    else:
+        if file is None:
+            raise ValueError(f"init {init!r} needs a local weights file")
+        path = Path(file)
+        if not path.is_file():
+            hint = (
+                f"download the torchvision/timm weights for {arch!r} on a machine with internet and put them at {path}"
+                if init == "imagenet"
+                else f"put your checkpoint at {path}"
+            )
+            raise FileNotFoundError(f"backbone weights file {path} not found ({init}): {hint}. Nothing is downloaded.")
+        state = _load_state_dict_file(path)
+        _check_loads(arch, state, path)
+        source = f"{init} file {path} (sha256 {sha256_file(path)})"
+        # the tag ("resnet18.tv_in1k") selects the normalisation those weights were trained with
+        pcfg = timm.create_model(arch, pretrained=False).pretrained_cfg
+        default_mean, default_std = tuple(pcfg.get("mean", IMAGENET_MEAN)), tuple(pcfg.get("std", IMAGENET_STD))
+    card = BackboneCard(
+        arch=arch,
+        init=init,
+        mean=tuple(float(x) for x in (mean or default_mean)),
+        std=tuple(float(x) for x in (std or default_std)),
+        source=source,
+        extra=extra,
+    )
+    with atomic_dir(Path(out_dir)) as tmp:
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / WEIGHTS))
+        card.weights_sha256 = sha256_file(tmp / WEIGHTS)
+        (tmp / CARD).write_text(json.dumps(card.to_json(), indent=2, sort_keys=True) + "\n")
+    return card
+
+
+def copy_backbone(src: Path, dst: Path) -> None:
+    """Copy a materialized backbone dir (weights + card) atomically."""
+    with atomic_dir(Path(dst)) as tmp:
+        for name in (WEIGHTS, CARD):
+            shutil.copy2(Path(src) / name, tmp / name)
+
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never let timm try a hub download from here

@@ -1,0 +1,155 @@
+"""params.yaml → typed, validated config objects (the only place that knows the file's shape).
+
+Stage scripts call `load_params` first: any unknown key, wrong type, out-of-range value or unknown
+model/dataset/backbone name stops the run with one error naming the key path, before any work.
+The library itself never reads params.yaml; stages pass it typed values.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, Field, ValidationError, model_validator
+
+from vadbench.data.params import DatasetSpec
+from vadbench.fractals.params import FractalsParams
+from vadbench.pretrain.params import PretrainParams
+from vadbench.schema import StrictModel
+
+
+class ParamsError(ValueError):
+    """params.yaml is invalid; the message names every offending key path."""
+
+
+class RunGrid(StrictModel):
+    """The benchmark grid: one fit/score cell per dataset × model × backbone."""
+
+    datasets: list[str] = Field(min_length=1)
+    models: list[str] = Field(min_length=1)
+    backbones: list[str] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique(self) -> RunGrid:
+        for key in ("datasets", "models", "backbones"):
+            values = getattr(self, key)
+            if len(set(values)) != len(values):
+                raise ValueError(f"run.{key} lists a name twice: {values}")
+        return self
+
+
+class BackboneSpec(StrictModel):
+    arch: str = Field(description="timm architecture, optionally with a weights tag (resnet18.tv_in1k)")
+    init: Literal["random", "fractal", "imagenet", "file"]
+    file: str | None = Field(None, description="local weights file for init imagenet/file")
+    mean: tuple[float, float, float] | None = None
+    std: tuple[float, float, float] | None = None
+
+    @model_validator(mode="after")
+    def _file_when_needed(self) -> BackboneSpec:
+        if self.init in ("imagenet", "file") and not self.file:
+            raise ValueError(f"init {self.init!r} needs `file`: a local weights file (nothing is downloaded)")
+        if self.init in ("random", "fractal") and self.file:
+            raise ValueError(f"init {self.init!r} takes no `file`")
+        return self
+
+
+class ScoreParams(StrictModel):
+    batch_size: int = Field(16, ge=1)
+    latency_warmup: int = Field(2, ge=0)
+    latency_repeats: int = Field(10, ge=1, description="batch-1 timings; the median is reported")
+
+
+class AggregateParams(StrictModel):
+    threshold_quantile: float = Field(0.99, gt=0, lt=1, description="operating threshold from validation normals")
+    aupro_fpr_limit: float = Field(0.3, gt=0, le=1)
+    gallery_size: int = Field(4, ge=1, le=16)
+
+
+class Params(StrictModel):
+    seed: int = Field(0, ge=0)
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    run: RunGrid
+    fractals: FractalsParams = FractalsParams()
+    pretrain: PretrainParams = PretrainParams()
+    backbones: dict[str, BackboneSpec]
+    datasets: dict[str, DatasetSpec]
+    models: dict[str, dict[str, Any]]
+    score: ScoreParams = ScoreParams()
+    aggregate: AggregateParams = AggregateParams()
+
+    def model_params(self, name: str) -> BaseModel:
+        """The validated params object of model `name` (its class's `Params`)."""
+        from vadbench.models import model_class
+
+        return model_class(name).Params.model_validate_json(json.dumps(self.models.get(name, {})))
+
+
+def _check_names(p: Params) -> list[str]:
+    from vadbench.models import model_names
+
+    errors = []
+    for key, defined in (("datasets", p.datasets), ("backbones", p.backbones)):
+        for name in getattr(p.run, key):
+            if name not in defined:
+                errors.append(f"run.{key}: {name!r} is not defined under `{key}:` (defined: {sorted(defined)})")
+    registered = model_names()
+    for name in set(p.run.models) | set(p.models):
+        where = "run.models" if name in p.run.models else "models"
+        if name not in registered:
+            errors.append(f"{where}: unknown model {name!r}; available: {registered}")
+            continue
+        try:
+            p.model_params(name)
+        except ValidationError as err:
+            errors.extend(_format(err, prefix=f"models.{name}"))
+    for name in p.run.backbones:
+        spec = p.backbones.get(name)
+        if spec is not None and spec.init == "fractal" and spec.arch.split(".")[0] != p.pretrain.arch:
+            errors.append(
+                f"backbones.{name}.arch: {spec.arch!r} must equal pretrain.arch ({p.pretrain.arch!r}) for init fractal"
+            )
+    for name in p.run.datasets:
+        for key in ("/", "-", "@", " "):
+            if key in name:
+                errors.append(f"run.datasets: name {name!r} may not contain {key!r} (it becomes a DVC stage name)")
+    return errors
+
+
+def _format(err: ValidationError, prefix: str = "") -> list[str]:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"] if not str(x).startswith("function-after"))
+        # drop pydantic's discriminator tag from the path (datasets.x.synthetic_sem.n_train)
+        path = ".".join(filter(None, [prefix, loc]))
+        got = e.get("input")
+        shown = "" if isinstance(got, dict) else f" (got {json.dumps(got)[:60]})"
+        lines.append(f"{path}: {e['msg']}{shown}")
+    return lines
+
+
+def parse_params(raw: Any, source: str = "params.yaml") -> Params:
+    """Validate an already-loaded mapping; raise ParamsError listing every problem."""
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
+    try:
+        params = Params.model_validate_json(json.dumps(raw))
+    except ValidationError as err:
+        raise ParamsError(f"{source} is invalid:\n  " + "\n  ".join(_format(err))) from None
+    errors = _check_names(params)
+    if errors:
+        raise ParamsError(f"{source} is invalid:\n  " + "\n  ".join(errors))
+    return params
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path} not found")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ParamsError(f"{path}: not valid YAML: {err}") from None
+    return parse_params(raw, str(path))

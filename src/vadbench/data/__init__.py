@@ -1,0 +1,1 @@
+"""Datasets: the embedded synthetic SEM generator, real-dataset preparation and the common loader."""

@@ -1,0 +1,1 @@
+"""FractalDB-style synthetic classification data from random Iterated Function Systems."""

@@ -1,0 +1,1 @@
+"""Image- and pixel-level anomaly-detection metrics, defined once, exact, memory-bounded."""

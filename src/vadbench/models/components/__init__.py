@@ -1,0 +1,1 @@
+"""Building blocks shared by several models (samplers, layers, flows); a model file imports from here."""

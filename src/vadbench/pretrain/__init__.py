@@ -1,0 +1,1 @@
+"""Classification pretraining of timm backbones on the fractal dataset."""

@@ -1,0 +1,1 @@
+"""Leaderboards, Δ-tables, curves and anomaly-map galleries."""
