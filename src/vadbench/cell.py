@@ -1,0 +1,238 @@
+"""One benchmark cell — a dataset × model × backbone — fitted, then scored.
+
+The fit and score stages are thin wrappers around `fit_cell` and `score_cell`. A cell's fit
+sees only the train and val splits; the test split is loaded by `score_cell` alone.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from vadbench.backbones import load_feature_extractor
+from vadbench.data.manifest import ImageSet, load_split
+from vadbench.io import atomic_dir
+from vadbench.metrics import cost
+from vadbench.metrics.image import image_metrics
+from vadbench.metrics.pixel import pixel_metrics
+from vadbench.models import AnomalyModel, create_model, load_model, model_class
+from vadbench.runtime import seed_everything, select_device, set_deterministic
+
+MODEL_FILE = "model.pt"
+FIT_REPORT = "fit.json"
+
+
+@dataclass(frozen=True)
+class CellInputs:
+    """Where a cell's inputs live and how its images are loaded."""
+
+    dataset_dir: Path
+    backbone_dir: Path | None
+    image_size: int
+    center_crop: int | None = None
+
+
+def cell_name(dataset: str, model: str, backbone: str) -> str:
+    return f"{dataset}-{model}-{backbone}"
+
+
+def _load(inputs: CellInputs, split: str) -> ImageSet:
+    kwargs: dict[str, Any] = {"image_size": inputs.image_size}
+    if inputs.center_crop:
+        kwargs["center_crop"] = inputs.center_crop
+    return load_split(inputs.dataset_dir, split, **kwargs)
+
+
+def _backbone_for(model_name: str, hparams: dict[str, Any], inputs: CellInputs, device: torch.device):
+    cls = model_class(model_name)
+    if not cls.needs_backbone:
+        return None
+    if inputs.backbone_dir is None:
+        raise ValueError(f"model {model_name!r} needs a backbone directory")
+    layers = cls.Params.model_validate_json(json.dumps(hparams)).layers  # type: ignore[attr-defined]
+    return load_feature_extractor(inputs.backbone_dir, layers, device)
+
+
+def _device_info(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def fit_cell(
+    inputs: CellInputs, model_name: str, hparams: dict[str, Any], out_dir: Path, *, seed: int, device: str = "auto"
+) -> dict[str, Any]:
+    """Fit `model_name` on the train normals (val normals for early stopping) and save it to `out_dir`."""
+    dev = select_device(device)
+    seed_everything(seed)
+    set_deterministic(True)
+    train, val = _load(inputs, "train"), _load(inputs, "val")
+    if len(train) == 0:
+        raise ValueError(f"{inputs.dataset_dir}: the train split is empty")
+    if np.any(train.labels != 0) or np.any(val.labels != 0):
+        raise ValueError(f"{inputs.dataset_dir}: train/val splits must hold normal images only")
+    backbone = _backbone_for(model_name, hparams, inputs, dev)
+    model = create_model(model_name, backbone=backbone, **hparams).to(dev)
+    with cost.PeakMemory(dev) as mem:
+        started = time.perf_counter()
+        report = model.fit(train.images.to(dev), val.images.to(dev) if len(val) else None)
+        fit_seconds = time.perf_counter() - started
+    with atomic_dir(out_dir) as tmp:
+        model.save(tmp / MODEL_FILE)
+        summary = {
+            "model": model_name,
+            "hparams": model.hparams,
+            "n_train": len(train),
+            "n_val": len(val),
+            "fit_report": report,
+            "fit_seconds": round(fit_seconds, 3),
+            "fit_peak_rss_mb": mem.peak_rss_mb,
+            "fit_peak_cuda_mb": mem.peak_cuda_mb,
+            "device": _device_info(dev),
+            "parameters": cost.count_parameters(model),
+            "model_bytes": (tmp / MODEL_FILE).stat().st_size,
+        }
+        (tmp / FIT_REPORT).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    return summary
+
+
+@torch.no_grad()
+def predict_batched(
+    model: AnomalyModel, images: torch.Tensor, batch_size: int, device: torch.device
+) -> tuple[np.ndarray, np.ndarray]:
+    """Run `model.predict` over `images` in batches → (scores (N,), maps (N,H,W)) as float32 numpy."""
+    scores, maps = [], []
+    for start in range(0, len(images), batch_size):
+        s, m = model.predict(images[start : start + batch_size].to(device))
+        scores.append(s.float().cpu().numpy())
+        maps.append(m.float().cpu().numpy())
+    h, w = images.shape[-2:]
+    if not scores:
+        return np.zeros(0, np.float32), np.zeros((0, h, w), np.float32)
+    return np.concatenate(scores), np.concatenate(maps)
+
+
+SCORES = "scores.csv"
+MAPS = "maps.npy"
+METRICS = "metrics.json"
+COSTS = "costs.json"
+
+
+@dataclass(frozen=True)
+class ScoreSettings:
+    batch_size: int = 16
+    latency_warmup: int = 2
+    latency_repeats: int = 10
+    threshold_quantile: float = 0.99
+    aupro_fpr_limit: float = 0.3
+
+
+def score_cell(
+    inputs: CellInputs,
+    fit_dir: Path,
+    out_dir: Path,
+    report_dir: Path,
+    settings: ScoreSettings,
+    *,
+    device: str = "auto",
+    gallery_size: int = 4,
+) -> dict[str, Any]:
+    """Score the test split with a fitted model; write scores, maps, metrics, costs and per-cell plots.
+
+    `out_dir` (DVC-cached): scores.csv, maps.npy (float16), metrics.json (deterministic), costs.json
+    (timings, memory). `report_dir` (git-tracked plots): roc.csv, pr.csv, gallery.png.
+    """
+    from vadbench.metrics.image import pr_points, roc_points
+    from vadbench.report.gallery import render_gallery
+
+    dev = select_device(device)
+    set_deterministic(True)
+    fit_info = json.loads((Path(fit_dir) / FIT_REPORT).read_text())
+    model_name = fit_info["model"]
+    backbone = _backbone_for(model_name, fit_info["hparams"], inputs, dev)
+    model = load_model(Path(fit_dir) / MODEL_FILE, backbone=backbone, map_location=dev).to(dev)
+    test, val = _load(inputs, "test"), _load(inputs, "val")
+    if len(test) == 0:
+        raise ValueError(f"{inputs.dataset_dir}: the test split is empty")
+
+    with cost.PeakMemory(dev) as mem:
+        started = time.perf_counter()
+        scores, maps = predict_batched(model, test.images, settings.batch_size, dev)
+        batched_seconds = time.perf_counter() - started
+    val_scores = predict_batched(model, val.images, settings.batch_size, dev)[0] if len(val) else None
+    latency = cost.measure_latency(
+        lambda x: model.predict(x.to(dev)), test.images, settings.latency_warmup, settings.latency_repeats
+    )
+
+    metrics: dict[str, Any] = dict(image_metrics(scores, test.labels, val_scores, settings.threshold_quantile))
+    has_maps = getattr(model, "has_pixel_maps", True)
+    with_gt = test.has_mask
+    if not has_maps:
+        metrics.update(_na_pixel("image-level method: no pixel anomaly maps"))
+    elif not np.any(test.labels[with_gt] == 1):
+        metrics.update(_na_pixel("no pixel ground truth for the anomalous test images"))
+    else:
+        metrics.update(pixel_metrics(maps[with_gt], test.masks.numpy()[with_gt], fpr_limit=settings.aupro_fpr_limit))
+    metrics["image_size"] = inputs.image_size
+    metrics["center_crop"] = inputs.center_crop
+    metrics["n_test"] = len(test)
+    metrics["n_test_anomalous"] = int(test.labels.sum())
+    costs = {
+        "fit_seconds": fit_info["fit_seconds"],
+        "fit_peak_rss_mb": fit_info["fit_peak_rss_mb"],
+        "fit_peak_cuda_mb": fit_info.get("fit_peak_cuda_mb"),
+        "score_peak_rss_mb": mem.peak_rss_mb,
+        "score_peak_cuda_mb": mem.peak_cuda_mb,
+        "throughput_ips": round(len(test) / batched_seconds, 3) if batched_seconds > 0 else None,
+        "latency_ms": latency["latency_ms_median"],
+        "latency_ms_p90": latency["latency_ms_p90"],
+        "parameters": fit_info["parameters"],
+        "model_bytes": fit_info["model_bytes"],
+        "device": _device_info(dev),
+    }
+    roc, pr = roc_points(scores, test.labels), pr_points(scores, test.labels)
+    with atomic_dir(out_dir) as tmp:
+        _write_scores(tmp / SCORES, test, scores)
+        _write_curve(tmp / "roc.csv", roc, ("fpr", "tpr"))
+        _write_curve(tmp / "pr.csv", pr, ("recall", "precision"))
+        np.save(tmp / MAPS, maps.astype(np.float16))
+        (tmp / METRICS).write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+        (tmp / COSTS).write_text(json.dumps(costs, indent=2, sort_keys=True) + "\n")
+    with atomic_dir(report_dir) as tmp:
+        _write_curve(tmp / "roc.csv", roc, ("fpr", "tpr"))
+        _write_curve(tmp / "pr.csv", pr, ("recall", "precision"))
+        render_gallery(
+            test.images.numpy(),
+            test.masks.numpy(),
+            maps if has_maps else None,
+            scores,
+            test.labels,
+            tmp / "gallery.png",
+            per_group=gallery_size,
+            title=out_dir.name,
+        )
+    return {"metrics": metrics, "costs": costs}
+
+
+def _na_pixel(reason: str) -> dict[str, Any]:
+    keys = ("pixel_auroc", "pixel_aupr", "pixel_f1_max", "pixel_aupro")
+    return {**{k: None for k in keys}, "pixel_na_reason": reason}
+
+
+def _write_scores(path: Path, test: ImageSet, scores: np.ndarray) -> None:
+    lines = ["path,label,defect_type,score"]
+    lines += [f"{p},{int(l)},{d},{s:.6g}" for p, l, d, s in zip(test.paths, test.labels, test.defect_types, scores)]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def _write_curve(path: Path, points: Any, columns: tuple[str, str]) -> None:
+    xs, ys = points
+    lines = [",".join(columns)] + [f"{x:.6f},{y:.6f}" for x, y in zip(xs, ys)]
+    path.write_text("\n".join(lines) + "\n")

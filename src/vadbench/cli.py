@@ -1,0 +1,103 @@
+"""Command line: `vadbench validate`, `vadbench profile`, and the error handling every stage shares."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from vadbench.config import ParamsError, Params, load_params
+
+# Errors a user can fix from the message alone: print it, no traceback.
+USER_ERRORS = (ParamsError, FileNotFoundError, ValueError, KeyError, RuntimeError)
+
+
+def stage_main(run: Callable[..., Any], argv: list[str] | None = None, n_args: int = 0) -> None:
+    """Entry point of a stage script: validate params.yaml first, then `run(params, *args)`.
+
+    Exit 2 on invalid params or arguments (nothing written), 1 on any other failure.
+    """
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    args = sys.argv[1:] if argv is None else argv
+    stage = Path(sys.argv[0]).stem
+    if len(args) != n_args:
+        print(f"error: stage {stage} takes {n_args} argument(s), got {args}", file=sys.stderr)
+        raise SystemExit(2)
+    try:
+        params = load_params(os.environ.get("VADBENCH_PARAMS", "params.yaml"))
+    except ParamsError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    try:
+        run(params, *args)
+    except USER_ERRORS as err:
+        if os.environ.get("VADBENCH_DEBUG"):
+            traceback.print_exc()
+        print(f"error in stage {stage}: {err}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def require_in_grid(params: Params, dataset: str | None = None, model: str | None = None, backbone: str | None = None) -> None:
+    for kind, value, allowed in (
+        ("dataset", dataset, params.run.datasets),
+        ("model", model, params.run.models),
+        ("backbone", backbone, params.run.backbones),
+    ):
+        if value is not None and value not in allowed:
+            raise ParamsError(f"{kind} {value!r} is not in run.{kind}s {allowed}")
+
+
+def _validate(ns: argparse.Namespace) -> int:
+    try:
+        params = load_params(ns.params)
+    except ParamsError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    cells = len(params.run.datasets) * len(params.run.models) * len(params.run.backbones)
+    print(
+        f"{ns.params}: OK — {len(params.run.datasets)} dataset(s) × {len(params.run.models)} model(s) × "
+        f"{len(params.run.backbones)} backbone(s) = {cells} cells"
+    )
+    return 0
+
+
+def _profile(ns: argparse.Namespace) -> int:
+    """Copy a named profile over params.yaml (after validating it)."""
+    src = Path(ns.profiles_dir) / f"{ns.name}.yaml"
+    if not src.is_file():
+        names = sorted(p.stem for p in Path(ns.profiles_dir).glob("*.yaml"))
+        print(f"error: no profile {src}; available: {names}", file=sys.stderr)
+        return 2
+    try:
+        load_params(src)
+    except ParamsError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    from vadbench.io import write_text
+
+    write_text(Path(ns.params), src.read_text())
+    print(f"{ns.params} ← {src}. Run `dvc repro` (or `dvc exp run`) to use it.")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="vadbench", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("validate", help="check params.yaml (types, ranges, names) without running anything")
+    p.add_argument("params", nargs="?", default="params.yaml")
+    p.set_defaults(func=_validate)
+    p = sub.add_parser("profile", help="replace params.yaml with a profile from profiles/ (e.g. paper)")
+    p.add_argument("name")
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--profiles-dir", default="profiles")
+    p.set_defaults(func=_profile)
+    ns = parser.parse_args(argv)
+    return int(ns.func(ns))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

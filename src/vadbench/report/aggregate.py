@@ -1,0 +1,28 @@
+"""The aggregate step: every cell's outputs → leaderboard files and overview figures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from vadbench.report.leaderboard import Cell, collect, write_leaderboard
+from vadbench.report.plots import plot_auroc_bars, plot_curves
+
+__all__ = ["Cell", "aggregate"]
+
+
+def aggregate(cells: list[Cell], *, scores_dir: Path, metrics_dir: Path, reports_dir: Path) -> pd.DataFrame:
+    """Write metrics/{leaderboard.csv,leaderboard.md,summary.json,costs.json} and reports/*.png."""
+    quality, costs = collect(cells, scores_dir)
+    write_leaderboard(quality, costs, metrics_dir)
+    plot_auroc_bars(quality, Path(reports_dir) / "leaderboard.png")
+    curves = {
+        c.name: {
+            "roc": pd.read_csv(Path(scores_dir) / c.name / "roc.csv"),
+            "pr": pd.read_csv(Path(scores_dir) / c.name / "pr.csv"),
+        }
+        for c in cells
+    }
+    plot_curves(curves, {c.name: c.dataset for c in cells}, Path(reports_dir) / "curves.png")
+    return quality

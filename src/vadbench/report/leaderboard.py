@@ -1,0 +1,147 @@
+"""Collect every cell's metrics into the leaderboard, pivots, Δ-tables and summary files."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from vadbench.io import write_json, write_text
+
+QUALITY = (
+    "image_auroc",
+    "image_aupr",
+    "image_f1_max",
+    "image_f1",
+    "pixel_auroc",
+    "pixel_aupr",
+    "pixel_f1_max",
+    "pixel_aupro",
+)
+COSTS = ("fit_seconds", "latency_ms", "throughput_ips", "fit_peak_rss_mb", "score_peak_rss_mb", "parameters", "model_bytes")
+DELTA_METRICS = ("image_auroc", "pixel_auroc", "pixel_aupro")
+
+
+@dataclass(frozen=True)
+class Cell:
+    dataset: str
+    model: str
+    backbone: str
+    init: str  # the backbone's weight source: random | fractal | imagenet | file
+
+    @property
+    def name(self) -> str:
+        return f"{self.dataset}-{self.model}-{self.backbone}"
+
+
+def collect(cells: list[Cell], scores_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(quality table, cost table), one row per cell, in a stable order."""
+    quality, costs = [], []
+    for cell in cells:
+        cdir = Path(scores_dir) / cell.name
+        for name in ("metrics.json", "costs.json"):
+            if not (cdir / name).is_file():
+                raise FileNotFoundError(f"{cdir / name} missing: run `dvc repro score@{cell.name}`")
+        m = json.loads((cdir / "metrics.json").read_text())
+        c = json.loads((cdir / "costs.json").read_text())
+        key = {"dataset": cell.dataset, "model": cell.model, "backbone": cell.backbone, "init": cell.init}
+        notes = []
+        if m.get("center_crop"):
+            notes.append(f"center-crop {m['center_crop']}")
+        if m.get("pixel_na_reason"):
+            notes.append(f"pixel n/a: {m['pixel_na_reason']}")
+        quality.append({**key, **{k: m.get(k) for k in QUALITY}, "image_size": m.get("image_size"), "notes": "; ".join(notes)})
+        costs.append({**key, **{k: c.get(k) for k in COSTS}, "device": c.get("device")})
+    order = ["dataset", "model", "backbone"]
+    q = pd.DataFrame(quality).sort_values(order, kind="stable").reset_index(drop=True)
+    k = pd.DataFrame(costs).sort_values(order, kind="stable").reset_index(drop=True)
+    return q, k
+
+
+def delta_table(quality: pd.DataFrame) -> pd.DataFrame:
+    """Δ = fractal − random and fractal − imagenet, per dataset, model and metric."""
+    rows = []
+    for (dataset, model), group in quality.groupby(["dataset", "model"], sort=True):
+        by_init = {r["backbone"]: r for _, r in group.iterrows()}
+        fractal = [b for b, r in by_init.items() if r["init"] == "fractal"]
+        others = [b for b, r in by_init.items() if r["init"] in ("random", "imagenet")]
+        for fb in sorted(fractal):
+            for ob in sorted(others):
+                row: dict[str, Any] = {"dataset": dataset, "model": model, "comparison": f"{fb} − {ob}"}
+                for metric in DELTA_METRICS:
+                    a, b = by_init[fb][metric], by_init[ob][metric]
+                    row[metric] = None if _missing(a) or _missing(b) else round(a - b, 6)
+                rows.append(row)
+    return pd.DataFrame(rows, columns=["dataset", "model", "comparison", *DELTA_METRICS])
+
+
+def _missing(v: Any) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v))
+
+
+def _fmt(v: Any, digits: int = 3) -> str:
+    if _missing(v):
+        return "n/a"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def markdown_table(df: pd.DataFrame, digits: int = 3) -> str:
+    if df.empty:
+        return "_(none)_\n"
+    cols = list(df.columns)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    for _, row in df.iterrows():
+        lines.append("| " + " | ".join(_fmt(row[c], digits) for c in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_leaderboard(quality: pd.DataFrame, costs: pd.DataFrame, metrics_dir: Path) -> None:
+    """metrics/leaderboard.{csv,md}, metrics/summary.json (deterministic) and metrics/costs.json (measured)."""
+    metrics_dir = Path(metrics_dir)
+    write_text(metrics_dir / "leaderboard.csv", quality.to_csv(index=False, float_format="%.6f", lineterminator="\n"))
+    summary: dict[str, Any] = {}
+    for _, r in quality.iterrows():
+        cell = summary.setdefault(r["dataset"], {}).setdefault(r["model"], {})
+        cell[r["backbone"]] = {k: (None if _missing(r[k]) else round(float(r[k]), 6)) for k in QUALITY}
+    write_json(metrics_dir / "summary.json", summary)
+    cost_summary: dict[str, Any] = {}
+    for _, r in costs.iterrows():
+        entry = cost_summary.setdefault(r["dataset"], {}).setdefault(r["model"], {})
+        entry[r["backbone"]] = {k: (None if _missing(r[k]) else r[k]) for k in (*COSTS, "device")}
+    write_json(metrics_dir / "costs.json", json.loads(json.dumps(cost_summary, default=float)))
+    write_text(metrics_dir / "leaderboard.md", render_markdown(quality, costs))
+
+
+def render_markdown(quality: pd.DataFrame, costs: pd.DataFrame) -> str:
+    parts = ["# vadbench leaderboard\n\n"]
+    parts.append(
+        "Quality metrics are deterministic for fixed params and seed. Costs are measurements on the machine "
+        "named in `device` and vary between runs. Pixel AUPRO is integrated to FPR "
+        "0.3 and normalised (MVTec AD definition). Thresholded F1 uses a threshold from validation normals only.\n"
+    )
+    for dataset, q in quality.groupby("dataset", sort=True):
+        parts.append(f"\n## {dataset}\n")
+        ranked = q.sort_values(["image_auroc", "model", "backbone"], ascending=[False, True, True], kind="stable")
+        shown = ranked[["model", "backbone", "init", *QUALITY, "notes"]]
+        parts.append(markdown_table(shown))
+        parts.append("\n### Image AUROC / pixel AUROC (model × backbone)\n")
+        pivot = q.pivot(index="model", columns="backbone", values="image_auroc")
+        pix = q.pivot(index="model", columns="backbone", values="pixel_auroc")
+        table = pivot.copy().astype(object)
+        for model in table.index:
+            for bb in table.columns:
+                table.loc[model, bb] = f"{_fmt(pivot.loc[model, bb])} / {_fmt(pix.loc[model, bb])}"
+        parts.append(markdown_table(table.reset_index()))
+        deltas = delta_table(q)
+        parts.append("\n### Δ fractal vs other weight sources (positive = fractal better)\n")
+        parts.append(markdown_table(deltas.drop(columns=["dataset"]) if not deltas.empty else deltas, digits=3))
+        parts.append("\n### Costs\n")
+        c = costs[costs["dataset"] == dataset][["model", "backbone", *COSTS, "device"]]
+        parts.append(markdown_table(c, digits=1))
+    return "".join(parts)

@@ -1,0 +1,20 @@
+"""DVC stage fit@<dataset>-<model>-<backbone>: fit one model on one dataset's normal images."""
+
+from pathlib import Path
+
+from vadbench.cell import CellInputs, cell_name, fit_cell
+from vadbench.cli import require_in_grid, stage_main
+from vadbench.config import Params
+
+
+def run(params: Params, dataset: str, model: str, backbone: str) -> None:
+    require_in_grid(params, dataset, model, backbone)
+    spec = params.datasets[dataset]
+    inputs = CellInputs(Path("data/prepared") / dataset, Path("data/backbones") / backbone, spec.image_size, spec.center_crop)
+    out = Path("data/fits") / cell_name(dataset, model, backbone)
+    summary = fit_cell(inputs, model, params.models.get(model, {}), out, seed=params.seed, device=params.device)
+    print(f"fit {out.name}: {summary['fit_seconds']:.1f} s, peak RSS {summary['fit_peak_rss_mb']:.0f} MB")
+
+
+if __name__ == "__main__":
+    stage_main(run, n_args=3)

@@ -1,0 +1,36 @@
+"""DVC stage score@<dataset>-<model>-<backbone>: score the test split, compute metrics and costs."""
+
+from pathlib import Path
+
+from vadbench.cell import CellInputs, ScoreSettings, cell_name, score_cell
+from vadbench.cli import require_in_grid, stage_main
+from vadbench.config import Params
+
+
+def run(params: Params, dataset: str, model: str, backbone: str) -> None:
+    require_in_grid(params, dataset, model, backbone)
+    spec = params.datasets[dataset]
+    inputs = CellInputs(Path("data/prepared") / dataset, Path("data/backbones") / backbone, spec.image_size, spec.center_crop)
+    name = cell_name(dataset, model, backbone)
+    settings = ScoreSettings(
+        batch_size=params.score.batch_size,
+        latency_warmup=params.score.latency_warmup,
+        latency_repeats=params.score.latency_repeats,
+        threshold_quantile=params.aggregate.threshold_quantile,
+        aupro_fpr_limit=params.aggregate.aupro_fpr_limit,
+    )
+    result = score_cell(
+        inputs,
+        Path("data/fits") / name,
+        Path("data/scores") / name,
+        Path("reports/cells") / name,
+        settings,
+        device=params.device,
+        gallery_size=params.aggregate.gallery_size,
+    )
+    m = result["metrics"]
+    print(f"score {name}: image AUROC {m['image_auroc']}, pixel AUROC {m['pixel_auroc']}, AUPRO {m['pixel_aupro']}")
+
+
+if __name__ == "__main__":
+    stage_main(run, n_args=3)

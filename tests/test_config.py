@@ -1,0 +1,111 @@
+"""params.yaml validation: every mistake is caught up front with the key path named."""
+
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from vadbench.config import ParamsError, load_params, parse_params
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def raw() -> dict:
+    return yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def test_default_params_are_valid(raw):
+    params = parse_params(raw)
+    assert params.run.models and params.run.backbones and params.run.datasets
+    for name in params.run.models:
+        params.model_params(name)  # every listed model's section validates
+
+
+def _error(raw: dict, mutate) -> str:
+    bad = copy.deepcopy(raw)
+    mutate(bad)
+    with pytest.raises(ParamsError) as info:
+        parse_params(bad)
+    return str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("mutate", "expected"),
+    [
+        (lambda p: p.update(unknown_key=1), "unknown_key"),
+        (lambda p: p["fractals"].update(num_classes="many"), "fractals.num_classes"),
+        (lambda p: p["fractals"].update(num_clases=3), "fractals.num_clases"),
+        (lambda p: p["fractals"].update(num_classes=0), "fractals.num_classes"),
+        (lambda p: p["pretrain"].update(epochs=-1), "pretrain.epochs"),
+        (lambda p: p["run"].update(models=["patchcore", "nosuchmodel"]), "nosuchmodel"),
+        (lambda p: p["run"].update(backbones=["random", "nosuchbackbone"]), "run.backbones"),
+        (lambda p: p["run"].update(datasets=["nosuchdata"]), "run.datasets"),
+        (lambda p: p["models"]["patchcore"].update(coreset_ratio=2.0), "models.patchcore.coreset_ratio"),
+        (lambda p: p["models"]["patchcore"].update(bogus=True), "models.patchcore.bogus"),
+        (lambda p: p["backbones"]["random"].update(init="imagenett"), "backbones.random.init"),
+        (lambda p: p.update(device="tpu"), "device"),
+        (lambda p: p["datasets"]["synthetic_sem"].update(n_train=0), "n_train"),
+        (lambda p: p["datasets"]["synthetic_sem"].update(kind="nosuchkind"), "datasets.synthetic_sem"),
+    ],
+)
+def test_invalid_params_name_the_key(raw, mutate, expected):
+    assert expected in _error(raw, mutate)
+
+
+def test_fractal_backbone_arch_must_match_pretrain(raw):
+    msg = _error(raw, lambda p: p["pretrain"].update(arch="resnet50"))
+    assert "backbones.fractal.arch" in msg and "pretrain.arch" in msg
+
+
+def test_imagenet_backbone_needs_a_file(raw):
+    msg = _error(raw, lambda p: p["backbones"]["imagenet"].pop("file"))
+    assert "backbones.imagenet" in msg and "file" in msg
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(ParamsError, match="not found"):
+        load_params(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("run: [unclosed\n")
+    with pytest.raises(ParamsError, match="not valid YAML"):
+        load_params(bad)
+    bad.write_text("- a list\n")
+    with pytest.raises(ParamsError, match="mapping"):
+        load_params(bad)
+
+
+def test_cli_validate_exit_codes(raw, tmp_path):
+    good = tmp_path / "good.yaml"
+    good.write_text(yaml.safe_dump(raw))
+    ok = subprocess.run([sys.executable, "-m", "vadbench.cli", "validate", str(good)], capture_output=True, text=True)
+    assert ok.returncode == 0, ok.stderr
+    assert "cells" in ok.stdout
+    raw2 = copy.deepcopy(raw)
+    raw2["models"]["patchcore"]["num_neighbors"] = 0
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(raw2))
+    res = subprocess.run([sys.executable, "-m", "vadbench.cli", "validate", str(bad)], capture_output=True, text=True)
+    assert res.returncode == 2
+    assert "models.patchcore.num_neighbors" in res.stderr
+
+
+def test_stage_refuses_invalid_params_before_writing(raw, tmp_path):
+    """A stage run with broken params exits 2 and creates no output."""
+    raw2 = copy.deepcopy(raw)
+    raw2["datasets"]["synthetic_sem"]["image_size"] = "big"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw2))
+    res = subprocess.run(
+        [sys.executable, str(ROOT / "stages" / "fit.py"), "synthetic_sem", "patchcore", "random"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode == 2
+    assert "datasets.synthetic_sem" in res.stderr and "image_size" in res.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]

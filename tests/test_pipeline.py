@@ -1,0 +1,115 @@
+"""The DVC stage graph end to end on a tiny params set, in a temporary copy of the project.
+
+Proves: the whole chain runs; a second `dvc repro` does nothing; a PatchCore param reruns only
+PatchCore's cells (+ aggregate); a fractal param reruns fractals → pretrain → backbones and the
+fractal-backbone cells but not the random-backbone cells; forced reruns give identical metrics;
+`dvc exp run -S` works and `dvc exp show` sees the metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+pytestmark = pytest.mark.slow
+
+
+def tiny_params() -> dict:
+    p = yaml.safe_load((ROOT / "params.yaml").read_text())
+    p["run"] = {"datasets": ["synthetic_sem"], "models": ["patchcore", "padim"], "backbones": ["random", "fractal"]}
+    p["fractals"].update(num_classes=4, instances_per_class=8, image_size=32, points=2000, pad=1, workers=1)
+    p["pretrain"].update(epochs=1, batch_size=16)
+    p["datasets"]["synthetic_sem"].update(image_size=64, n_train=12, n_val=4, n_test_normal=6, n_test_per_defect=2)
+    p["score"].update(latency_repeats=2, latency_warmup=1)
+    return p
+
+
+def _run(args: list[str], cwd: Path) -> str:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "HF_HUB_OFFLINE": "1"}
+    res = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, f"{' '.join(args)} failed:\n{out[-4000:]}"
+    return out
+
+
+def _ran(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '([^']+)'", output))
+
+
+def _set(project: Path, mutate) -> None:
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    mutate(params)
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    dst = tmp_path_factory.mktemp("project")
+    for name in ("dvc.yaml", "stages", "src", "weights", ".dvc/config", ".dvcignore"):
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, dst / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info", "tmp"))
+        elif src.exists():
+            (dst / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dst / name)
+    (dst / "params.yaml").write_text(yaml.safe_dump(tiny_params(), sort_keys=False))
+    _run(["git", "init", "-q"], dst)
+    _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A"], dst)
+    _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"], dst)
+    return dst
+
+
+CELLS = {f"{s}@synthetic_sem-{m}-{b}" for s in ("fit", "score") for m in ("patchcore", "padim") for b in ("random", "fractal")}
+
+
+def test_full_chain_then_noop(project):
+    ran = _ran(_run(["dvc", "repro"], project))
+    assert ran == {"fractals", "pretrain", "backbones", "prepare@synthetic_sem", "aggregate"} | CELLS
+    summary = json.loads((project / "metrics" / "summary.json").read_text())
+    assert set(summary["synthetic_sem"]) == {"patchcore", "padim"}
+    for png in ("reports/leaderboard.png", "reports/curves.png", "reports/synthetic_sem/preview.png",
+                "reports/cells/synthetic_sem-patchcore-fractal/gallery.png", "reports/fractals_preview.png"):
+        assert (project / png).is_file(), png
+    assert _ran(_run(["dvc", "repro"], project)) == set()
+
+
+def test_patchcore_param_reruns_only_patchcore(project):
+    _set(project, lambda p: p["models"]["patchcore"].update(num_neighbors=5))
+    status = _run(["dvc", "status"], project)
+    assert "patchcore" in status and "padim" not in status
+    ran = _ran(_run(["dvc", "repro"], project))
+    assert ran == {c for c in CELLS if "-patchcore-" in c} | {"aggregate"}
+
+
+def test_fractal_param_reruns_only_fractal_chain(project):
+    _set(project, lambda p: p["fractals"].update(num_classes=5))
+    ran = _ran(_run(["dvc", "repro"], project))
+    assert {"fractals", "pretrain", "backbones", "aggregate"} <= ran
+    assert {c for c in CELLS if c.endswith("-fractal")} <= ran
+    assert not {c for c in CELLS if c.endswith("-random")} & ran
+    assert "prepare@synthetic_sem" not in ran
+
+
+def test_forced_rerun_gives_identical_metrics(project):
+    before = {n: (project / "metrics" / n).read_bytes() for n in ("summary.json", "leaderboard.csv")}
+    _run(["dvc", "repro", "-f"], project)
+    after = {n: (project / "metrics" / n).read_bytes() for n in ("summary.json", "leaderboard.csv")}
+    assert before == after
+
+
+def test_exp_run_with_set_param(project):
+    _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A"], project)
+    _run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "results"], project)
+    _run(["dvc", "exp", "run", "-S", "models.padim.n_features=40"], project)
+    shown = _run(["dvc", "exp", "show", "--json"], project)
+    assert "image_auroc" in shown and "n_features" in shown

@@ -1,0 +1,104 @@
+"""Aggregate: leaderboard rows, Δ-tables, summary files and figures from per-cell outputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from vadbench.report.aggregate import Cell, aggregate
+from vadbench.report.gallery import pick_gallery_cases, render_gallery
+from vadbench.report.leaderboard import delta_table
+
+
+def _write_cell(scores_dir: Path, cell: Cell, image_auroc: float, pixel_auroc: float | None) -> None:
+    d = scores_dir / cell.name
+    d.mkdir(parents=True)
+    metrics = {
+        "image_auroc": image_auroc,
+        "image_aupr": 0.5,
+        "image_f1_max": 0.6,
+        "image_f1": 0.4,
+        "pixel_auroc": pixel_auroc,
+        "pixel_aupr": None if pixel_auroc is None else 0.3,
+        "pixel_f1_max": None if pixel_auroc is None else 0.35,
+        "pixel_aupro": None if pixel_auroc is None else 0.7,
+        "image_size": 128,
+        "center_crop": None,
+    }
+    if pixel_auroc is None:
+        metrics["pixel_na_reason"] = "image-level method: no pixel anomaly maps"
+    (d / "metrics.json").write_text(json.dumps(metrics))
+    costs = {"fit_seconds": 1.5, "latency_ms": 3.0, "throughput_ips": 100.0, "fit_peak_rss_mb": 500.0,
+             "score_peak_rss_mb": 400.0, "parameters": 1000, "model_bytes": 2000, "device": "cpu"}
+    (d / "costs.json").write_text(json.dumps(costs))
+    pd.DataFrame({"fpr": [0, 0.5, 1], "tpr": [0, 0.9, 1]}).to_csv(d / "roc.csv", index=False)
+    pd.DataFrame({"recall": [0, 0.5, 1], "precision": [1, 0.9, 0.5]}).to_csv(d / "pr.csv", index=False)
+
+
+@pytest.fixture()
+def cells(tmp_path):
+    spec = [
+        (Cell("sem", "patchcore", "fractal", "fractal"), 0.95, 0.97),
+        (Cell("sem", "patchcore", "random", "random"), 0.85, 0.90),
+        (Cell("sem", "panda", "fractal", "fractal"), 0.80, None),
+        (Cell("sem", "panda", "random", "random"), 0.70, None),
+    ]
+    for cell, a, b in spec:
+        _write_cell(tmp_path / "scores", cell, a, b)
+    return [c for c, _, _ in spec]
+
+
+def test_aggregate_writes_leaderboard_and_deltas(tmp_path, cells):
+    quality = aggregate(cells, scores_dir=tmp_path / "scores", metrics_dir=tmp_path / "metrics", reports_dir=tmp_path / "reports")
+    assert len(quality) == 4
+    lb = pd.read_csv(tmp_path / "metrics" / "leaderboard.csv")
+    assert list(lb[["model", "backbone"]].itertuples(index=False, name=None)) == [
+        ("panda", "fractal"), ("panda", "random"), ("patchcore", "fractal"), ("patchcore", "random")
+    ]
+    summary = json.loads((tmp_path / "metrics" / "summary.json").read_text())
+    assert summary["sem"]["patchcore"]["fractal"]["image_auroc"] == 0.95
+    assert summary["sem"]["panda"]["random"]["pixel_auroc"] is None
+    md = (tmp_path / "metrics" / "leaderboard.md").read_text()
+    assert "fractal − random" in md and "n/a" in md and "image-level method" in md
+    deltas = delta_table(quality)
+    pc = deltas[deltas["model"] == "patchcore"].iloc[0]
+    assert pc["image_auroc"] == pytest.approx(0.10) and pc["pixel_auroc"] == pytest.approx(0.07)
+    assert pd.isna(deltas[deltas["model"] == "panda"].iloc[0]["pixel_auroc"])
+    for png in ("leaderboard.png", "curves.png"):
+        assert (tmp_path / "reports" / png).stat().st_size > 1000
+
+
+def test_aggregate_is_byte_identical_when_rerun(tmp_path, cells):
+    outputs = []
+    for run in ("a", "b"):
+        aggregate(cells, scores_dir=tmp_path / "scores", metrics_dir=tmp_path / run, reports_dir=tmp_path / f"r{run}")
+        outputs.append({p.name: p.read_bytes() for p in [*(tmp_path / run).iterdir(), *(tmp_path / f"r{run}").iterdir()]})
+    assert outputs[0] == outputs[1]
+
+
+def test_missing_cell_names_the_stage(tmp_path, cells):
+    extra = Cell("sem", "padim", "random", "random")
+    with pytest.raises(FileNotFoundError, match="score@sem-padim-random"):
+        aggregate([*cells, extra], scores_dir=tmp_path / "scores", metrics_dir=tmp_path / "m", reports_dir=tmp_path / "r")
+
+
+def test_gallery_picks_false_alarms_misses_and_typical_hits(tmp_path):
+    scores = np.array([0.1, 0.9, 0.2, 0.8, 0.3, 0.5, 0.95])
+    labels = np.array([0, 0, 0, 1, 1, 1, 1])
+    groups = dict(pick_gallery_cases(scores, labels, per_group=2))
+    assert groups["highest-scored normals"] == [1, 2]
+    assert groups["lowest-scored defects"] == [4, 5]
+    assert set(groups["typical defects"]).isdisjoint(groups["lowest-scored defects"])
+    rng = np.random.default_rng(0)
+    images = rng.random((7, 1, 32, 32)).astype(np.float32)
+    masks = np.zeros((7, 32, 32), np.uint8)
+    masks[3:, 10:20, 10:20] = 1
+    out = tmp_path / "g.png"
+    render_gallery(images, masks, rng.random((7, 32, 32)), scores, labels, out, per_group=2, title="t")
+    first = out.read_bytes()
+    render_gallery(images, masks, rng.random((7, 32, 32)) * 0 + 1, scores, labels, out, per_group=2, title="t")
+    assert first[:8] == b"\x89PNG\r\n\x1a\n" and out.read_bytes() != first
