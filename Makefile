@@ -50,3 +50,24 @@ profile-paper: $(STAMP)
 
 clean-data:
 	rm -rf data/fractals data/pretrain data/backbones data/prepared data/fits data/scores
+
+# Offline `dvc plots show` page and its browser test (docs/PLOTS.md): Debian's chromium (apt-get, as root)
+# and the pinned vega/vega-lite/vega-embed builds (npm pack, integrity-checked) in .cache/vega/.
+# Idempotent: with both in place it only checks them (well under a second).
+.PHONY: plots-deps
+plots-deps:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing chromium (apt-get)"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1 || { \
+	      apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }; \
+	  else echo "error: chromium not found; install it (Debian: sudo apt-get install -y chromium) and rerun make plots-deps"; exit 1; fi; }
+	@python3 scripts/fetch_vega.py --check >/dev/null 2>&1 || { \
+	  command -v npm >/dev/null 2>&1 || { \
+	    if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	      echo "installing npm (apt-get)"; \
+	      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq npm >/dev/null 2>&1 || { \
+	        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq npm; }; \
+	    else echo "error: npm not found; install Node.js/npm (Debian: sudo apt-get install -y npm) and rerun make plots-deps"; exit 1; fi; }; \
+	  python3 scripts/fetch_vega.py; }
+	@python3 scripts/fetch_vega.py --check

@@ -30,7 +30,7 @@ def _write_cell(scores_dir: Path, cell: Cell, image_auroc: float, pixel_auroc: f
         "center_crop": None,
     }
     if pixel_auroc is None:
-        metrics["pixel_na_reason"] = "image-level method: no pixel anomaly maps"
+        metrics["na_reasons"] = {"pixel_auroc": "image-level method: no pixel anomaly maps"}
     (d / "metrics.json").write_text(json.dumps(metrics))
     costs = {"fit_seconds": 1.5, "latency_ms": 3.0, "throughput_ips": 100.0, "fit_peak_rss_mb": 500.0,
              "score_peak_rss_mb": 400.0, "parameters": 1000, "model_bytes": 2000, "device": "cpu"}

@@ -7,8 +7,6 @@ sees only the train and val splits; the test split is loaded by `score_cell` alo
 from __future__ import annotations
 
 import json
-import platform
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,9 +59,12 @@ def _backbone_for(model_name: str, hparams: dict[str, Any], inputs: CellInputs, 
 
 
 def _device_info(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"cuda ({torch.cuda.get_device_name(device)})"
-    return f"cpu ({platform.machine()}, {torch.get_num_threads()} threads)"
+    info = cost.device_info(device)
+    return f"{info['device']} ({info['name']}, {info['torch_threads']} threads)"
+
+
+def _mb(n_bytes: int | None) -> float | None:
+    return None if n_bytes is None else round(n_bytes / 2**20, 1)
 
 
 def fit_cell(
@@ -80,10 +81,8 @@ def fit_cell(
         raise ValueError(f"{inputs.dataset_dir}: train/val splits must hold normal images only")
     backbone = _backbone_for(model_name, hparams, inputs, dev)
     model = create_model(model_name, backbone=backbone, **hparams).to(dev)
-    with cost.PeakMemory(dev) as mem:
-        started = time.perf_counter()
+    with cost.PeakMemory() as mem, cost.Stopwatch() as watch:
         report = model.fit(train.images.to(dev), val.images.to(dev) if len(val) else None)
-        fit_seconds = time.perf_counter() - started
     with atomic_dir(out_dir) as tmp:
         model.save(tmp / MODEL_FILE)
         summary = {
@@ -92,9 +91,9 @@ def fit_cell(
             "n_train": len(train),
             "n_val": len(val),
             "fit_report": report,
-            "fit_seconds": round(fit_seconds, 3),
-            "fit_peak_rss_mb": mem.peak_rss_mb,
-            "fit_peak_cuda_mb": mem.peak_cuda_mb,
+            "fit_seconds": round(watch.seconds, 3),
+            "fit_peak_rss_mb": _mb(mem.peak_rss_bytes),
+            "fit_peak_cuda_mb": _mb(mem.peak_cuda_bytes),
             "device": _device_info(dev),
             "parameters": cost.count_parameters(model),
             "model_bytes": (tmp / MODEL_FILE).stat().st_size,
@@ -162,24 +161,28 @@ def score_cell(
     if len(test) == 0:
         raise ValueError(f"{inputs.dataset_dir}: the test split is empty")
 
-    with cost.PeakMemory(dev) as mem:
-        started = time.perf_counter()
+    with cost.PeakMemory() as mem, cost.Stopwatch() as watch:
         scores, maps = predict_batched(model, test.images, settings.batch_size, dev)
-        batched_seconds = time.perf_counter() - started
     val_scores = predict_batched(model, val.images, settings.batch_size, dev)[0] if len(val) else None
+    # batch-1 latency; throughput comes from the full batched pass above, so time one batch only here
     latency = cost.measure_latency(
-        lambda x: model.predict(x.to(dev)), test.images, settings.latency_warmup, settings.latency_repeats
+        lambda x: model.predict(x.to(dev)),
+        test.images[: settings.batch_size],
+        settings.latency_warmup,
+        settings.latency_repeats,
+        settings.batch_size,
     )
 
-    metrics: dict[str, Any] = dict(image_metrics(scores, test.labels, val_scores, settings.threshold_quantile))
+    image = image_metrics(scores, test.labels, val_scores, settings.threshold_quantile)
     has_maps = getattr(model, "has_pixel_maps", True)
     with_gt = test.has_mask
     if not has_maps:
-        metrics.update(_na_pixel("image-level method: no pixel anomaly maps"))
+        pixel = _na_pixel("image-level method: no pixel anomaly maps")
     elif not np.any(test.labels[with_gt] == 1):
-        metrics.update(_na_pixel("no pixel ground truth for the anomalous test images"))
+        pixel = _na_pixel("no pixel ground truth for the anomalous test images")
     else:
-        metrics.update(pixel_metrics(maps[with_gt], test.masks.numpy()[with_gt], fpr_limit=settings.aupro_fpr_limit))
+        pixel = pixel_metrics(maps[with_gt], test.masks.numpy()[with_gt], fpr_limit=settings.aupro_fpr_limit)
+    metrics = _merge(image, pixel)
     metrics["image_size"] = inputs.image_size
     metrics["center_crop"] = inputs.center_crop
     metrics["n_test"] = len(test)
@@ -188,11 +191,11 @@ def score_cell(
         "fit_seconds": fit_info["fit_seconds"],
         "fit_peak_rss_mb": fit_info["fit_peak_rss_mb"],
         "fit_peak_cuda_mb": fit_info.get("fit_peak_cuda_mb"),
-        "score_peak_rss_mb": mem.peak_rss_mb,
-        "score_peak_cuda_mb": mem.peak_cuda_mb,
-        "throughput_ips": round(len(test) / batched_seconds, 3) if batched_seconds > 0 else None,
-        "latency_ms": latency["latency_ms_median"],
-        "latency_ms_p90": latency["latency_ms_p90"],
+        "score_peak_rss_mb": _mb(mem.peak_rss_bytes),
+        "score_peak_cuda_mb": _mb(mem.peak_cuda_bytes),
+        "throughput_ips": round(len(test) / watch.seconds, 3) if watch.seconds > 0 else None,
+        "latency_ms": round(latency["latency_ms_median"], 3),
+        "latency_ms_p90": round(latency["latency_ms_p90"], 3),
         "parameters": fit_info["parameters"],
         "model_bytes": fit_info["model_bytes"],
         "device": _device_info(dev),
@@ -223,7 +226,15 @@ def score_cell(
 
 def _na_pixel(reason: str) -> dict[str, Any]:
     keys = ("pixel_auroc", "pixel_aupr", "pixel_f1_max", "pixel_aupro")
-    return {**{k: None for k in keys}, "pixel_na_reason": reason}
+    return {**{k: None for k in keys}, "na_reasons": {k: reason for k in keys}}
+
+
+def _merge(image: dict[str, Any], pixel: dict[str, Any]) -> dict[str, Any]:
+    """One flat metrics dict; every None carries its reason under `na_reasons`."""
+    reasons = {**image.get("na_reasons", {}), **pixel.get("na_reasons", {})}
+    merged = {k: v for d in (image, pixel) for k, v in d.items() if k != "na_reasons"}
+    merged["na_reasons"] = reasons
+    return merged
 
 
 def _write_scores(path: Path, test: ImageSet, scores: np.ndarray) -> None:
@@ -232,7 +243,6 @@ def _write_scores(path: Path, test: ImageSet, scores: np.ndarray) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-def _write_curve(path: Path, points: Any, columns: tuple[str, str]) -> None:
-    xs, ys = points
-    lines = [",".join(columns)] + [f"{x:.6f},{y:.6f}" for x, y in zip(xs, ys)]
+def _write_curve(path: Path, points: list[dict[str, float]], columns: tuple[str, str]) -> None:
+    lines = [",".join(columns)] + [f"{p[columns[0]]:.6f},{p[columns[1]]:.6f}" for p in points]
     path.write_text("\n".join(lines) + "\n")

@@ -121,8 +121,10 @@ def _check_names(p: Params) -> list[str]:
 def _format(err: ValidationError, prefix: str = "") -> list[str]:
     lines = []
     for e in err.errors():
-        loc = ".".join(str(x) for x in e["loc"] if not str(x).startswith("function-after"))
-        # drop pydantic's discriminator tag from the path (datasets.x.synthetic_sem.n_train)
+        parts = [str(x) for x in e["loc"] if not str(x).startswith("function-after")]
+        if not prefix and len(parts) >= 3 and parts[0] == "datasets":
+            del parts[2]  # pydantic puts the `kind` tag in the path: datasets.<name>.<kind>.<key>
+        loc = ".".join(parts)
         path = ".".join(filter(None, [prefix, loc]))
         got = e.get("input")
         shown = "" if isinstance(got, dict) else f" (got {json.dumps(got)[:60]})"

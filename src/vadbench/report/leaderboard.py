@@ -52,8 +52,8 @@ def collect(cells: list[Cell], scores_dir: Path) -> tuple[pd.DataFrame, pd.DataF
         notes = []
         if m.get("center_crop"):
             notes.append(f"center-crop {m['center_crop']}")
-        if m.get("pixel_na_reason"):
-            notes.append(f"pixel n/a: {m['pixel_na_reason']}")
+        reasons = sorted(set((m.get("na_reasons") or {}).values()))
+        notes.extend(f"n/a: {r}" for r in reasons)
         quality.append({**key, **{k: m.get(k) for k in QUALITY}, "image_size": m.get("image_size"), "notes": "; ".join(notes)})
         costs.append({**key, **{k: c.get(k) for k in COSTS}, "device": c.get("device")})
     order = ["dataset", "model", "backbone"]
