@@ -1,4 +1,8 @@
-"""Typed `fractals:` section of params.yaml."""
+"""Typed `fractals:` section of params.yaml.
+
+Defaults are the quick CPU profile (16 classes × 32 images at 64 px). Paper scale (FractalDB-1k):
+num_classes 1000, instances_per_class 1000, image_size 362, points 200000 — noted per field.
+"""
 
 from __future__ import annotations
 
@@ -10,21 +14,90 @@ from vadbench.schema import StrictModel
 
 
 class FractalsParams(StrictModel):
-    sampler: Literal["fractaldb", "sigma"] = "fractaldb"
-    num_classes: int = Field(16, ge=1, description="accepted IFS categories")
-    instances_per_class: int = Field(32, ge=1, description="images rendered per category")
-    image_size: int = Field(64, ge=8, le=4096)
-    points: int = Field(20_000, ge=100, description="chaos-game points per image")
-    pad: int = Field(2, ge=0)
-    min_maps: int = Field(2, ge=1)
-    max_maps: int = Field(7, ge=1)
-    filling_threshold: float = Field(0.2, gt=0.0, le=1.0)
-    workers: int = Field(2, ge=1)
+    sampler: Literal["fractaldb", "sigma"] = Field(
+        "fractaldb",
+        description="fractaldb: six params ~ U(-1,1), filling-rate search; sigma: Anderson & Farrell σ-factor systems",
+    )
+    num_classes: int = Field(16, ge=1, description="accepted IFS categories (paper: 1000)")
+    instances_per_class: int = Field(
+        32, ge=1,
+        description="images per category (paper: 1000 = 25 weight variants × 10 patch renders × 4 flips). "
+        "For fractaldb, fewer than the full product takes a seeded random subset of the variant×patch×flip grid",
+    )
+    image_size: int = Field(64, ge=8, le=4096, description="rendered side in px (paper: 362)")
+    points: int = Field(6_000, ge=100, description="chaos-game points per image (paper: 200000; ~1.5 per pixel)")
+    pad: int = Field(2, ge=0, description="empty border in px around the fractal's bounding box")
+    min_maps: int = Field(2, ge=1, le=16, description="fractaldb: fewest affine maps per system (paper: 2)")
+    max_maps: int = Field(7, ge=1, le=16, description="fractaldb: most affine maps per system (paper: 7)")
+    sigma_min_maps: int = Field(2, ge=1, le=16, description="sigma: fewest maps (paper: 2)")
+    sigma_max_maps: int = Field(4, ge=1, le=16, description="sigma: most maps (paper: 4)")
+    filling_threshold: float = Field(
+        0.2, gt=0.0, le=1.0,
+        description="accept a system when non-zero/all pixels of its search render ≥ this (paper: 0.2)",
+    )
+    search_size: int = Field(512, ge=8, le=4096, description="search render side in px (paper: 512)")
+    search_points: int = Field(100_000, ge=100, description="points in a search render (paper: 100000)")
+    search_pad: int = Field(6, ge=0, description="padding of the search render (paper: 6)")
+    search_max_tries: int = Field(100_000, ge=1, description="candidates per category before giving up with an error")
+    weight_factors: tuple[float, ...] = Field(
+        (0.2, 0.6, 1.4, 1.8),
+        description="fractaldb: each of the six parameters is scaled by each factor in turn; with the "
+        "unchanged system that gives 1 + 6·len variants (paper: 0.2, 0.6, 1.4, 1.8 → 25)",
+    )
+    patch_renders: int = Field(
+        10, ge=1, description="fractaldb: renders per variant, each with its own random 3×3 patch (paper: 10)"
+    )
+    flips: bool = Field(True, description="each render also as its horizontal, vertical and double flip (paper: true)")
+    sigma_jitter: tuple[float, float] = Field(
+        (0.8, 1.1), description="sigma: per image one map is scaled by U(lo, hi) (contractive jitters only)"
+    )
+    workers: int = Field(2, ge=1, description="processes; classes are spread over them")
+
+    @property
+    def n_flips(self) -> int:
+        return 4 if self.flips else 1
+
+    @property
+    def n_variants(self) -> int:
+        return 1 + 6 * len(self.weight_factors)
+
+    @property
+    def grid_size(self) -> int:
+        """fractaldb: distinct (variant, patch render, flip) combinations per class."""
+        return self.n_variants * self.patch_renders * self.n_flips
 
     @model_validator(mode="after")
     def _consistent(self) -> FractalsParams:
+        # messages name fractals.<key>: config.parse_params reports them under `fractals`
         if self.min_maps > self.max_maps:
-            raise ValueError(f"min_maps ({self.min_maps}) > max_maps ({self.max_maps})")
-        if self.image_size <= 2 * self.pad:
-            raise ValueError(f"image_size ({self.image_size}) must exceed 2*pad ({2 * self.pad})")
+            raise ValueError(f"fractals.min_maps ({self.min_maps}) must be ≤ fractals.max_maps ({self.max_maps})")
+        if self.sigma_min_maps > self.sigma_max_maps:
+            raise ValueError(
+                f"fractals.sigma_min_maps ({self.sigma_min_maps}) must be ≤ "
+                f"fractals.sigma_max_maps ({self.sigma_max_maps})"
+            )
+        if self.image_size <= 2 * self.pad + 2:
+            raise ValueError(
+                f"fractals.image_size ({self.image_size}) must exceed 2·fractals.pad + 2 ({2 * self.pad + 2})"
+            )
+        if self.search_size <= 2 * self.search_pad + 2:
+            raise ValueError(
+                f"fractals.search_size ({self.search_size}) must exceed "
+                f"2·fractals.search_pad + 2 ({2 * self.search_pad + 2})"
+            )
+        bad = [f for f in self.weight_factors if not f > 0 or f == 1.0]
+        if bad or len(set(self.weight_factors)) != len(self.weight_factors):
+            raise ValueError(
+                f"fractals.weight_factors {list(self.weight_factors)}: expected distinct positive factors ≠ 1 "
+                "(the unchanged system is always included)"
+            )
+        lo, hi = self.sigma_jitter
+        if not 0 < lo <= hi:
+            raise ValueError(f"fractals.sigma_jitter {[lo, hi]}: expected 0 < lo ≤ hi")
+        if self.sampler == "fractaldb" and self.instances_per_class > self.grid_size:
+            raise ValueError(
+                f"fractals.instances_per_class ({self.instances_per_class}) exceeds the {self.grid_size} distinct "
+                f"fractaldb instances ({self.n_variants} variants × fractals.patch_renders {self.patch_renders} × "
+                f"{self.n_flips} flips); raise fractals.patch_renders"
+            )
         return self
