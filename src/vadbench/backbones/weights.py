@@ -9,7 +9,6 @@ weights, the mistake the fractal-AD paper's code makes).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -74,17 +73,66 @@ def _load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
-def _check_loads(arch: str, state: dict[str, torch.Tensor], source: Path) -> None:
+def _check_loads(arch: str, state: dict[str, torch.Tensor], source: Path) -> dict[str, torch.Tensor]:
+    """Raise a clear error unless `state` fits `arch`'s body; returns it without the classifier.
+
+    The classifier is dropped first: feature extraction never uses it and a fractal or user checkpoint
+    has a different number of classes.
+    """
     import timm
 
     model = timm.create_model(arch, pretrained=False)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    body_missing = [k for k in missing if not k.startswith(model.default_cfg.get("classifier", "fc"))]
-    if body_missing or unexpected:
+    head = model.default_cfg.get("classifier", "fc")
+    body = {k: v for k, v in state.items() if not k.startswith(f"{head}.")}
+    expected = {k: v for k, v in model.state_dict().items() if not k.startswith(f"{head}.")}
+    missing = sorted(set(expected) - set(body))
+    unexpected = sorted(set(body) - set(expected))
+    wrong_shape = [f"{k} {tuple(body[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+                   if k in body and body[k].shape != v.shape]
+    if missing or unexpected or wrong_shape:
         raise ValueError(
-            f"{source}: weights do not fit timm architecture {arch!r} "
-            f"(missing {body_missing[:5]}..., unexpected {list(unexpected)[:5]}...)"
+            f"{source}: weights do not fit timm architecture {arch!r} (is the file for another arch?): "
+            f"missing {missing[:3]} ({len(missing)}), unexpected {unexpected[:3]} ({len(unexpected)}), "
+            f"wrong shape {wrong_shape[:3]} ({len(wrong_shape)})"
         )
+    return state
+
+
+def hf_cached_weights(arch: str, cache_dir: Path | None = None) -> Path | None:
+    """The timm/Hugging Face cache file of `arch`'s pretrained tag, if already downloaded; never downloads."""
+    import timm
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        hub_id = timm.models.get_pretrained_cfg(arch).hf_hub_id
+    except (RuntimeError, AttributeError, KeyError):
+        return None
+    if not hub_id:
+        return None
+    for filename in ("model.safetensors", "pytorch_model.bin"):
+        found = try_to_load_from_cache(hub_id, filename, cache_dir=str(cache_dir) if cache_dir else None)
+        if isinstance(found, str) and Path(found).is_file():
+            return Path(found)
+    return None
+
+
+def _find_weights_file(arch: str, init: str, file: Path | None, hf_cache_dir: Path | None) -> Path:
+    """The local file, else (imagenet only) the hub cache; a missing file fails at once, naming the path."""
+    if file is not None and Path(file).is_file():
+        return Path(file)
+    if init == "imagenet":
+        cached = hf_cached_weights(arch, hf_cache_dir)
+        if cached is not None:
+            return cached
+        wanted = file or Path("weights") / f"{arch}.safetensors"
+        raise FileNotFoundError(
+            f"backbone weights file {wanted} not found (init imagenet, arch {arch!r}) and no copy in the "
+            f"timm/Hugging Face cache: on a machine with internet save the weights for {arch!r} "
+            f"(weights/README.md) to {wanted}. Nothing is downloaded."
+        )
+    if file is None:
+        raise ValueError(f"init {init!r} needs a local weights file")
+    raise FileNotFoundError(f"backbone weights file {file} not found (init {init}): put your checkpoint there")
 
 
 def materialize_backbone(
@@ -97,12 +145,14 @@ def materialize_backbone(
     file: Path | None = None,
     mean: tuple[float, float, float] | None = None,
     std: tuple[float, float, float] | None = None,
+    hf_cache_dir: Path | None = None,
 ) -> BackboneCard:
     """Write weights + card for one backbone into `out_dir` (atomically).
 
     init ``random``: seeded timm init; ``fractal``: the pretrain stage's ``pretrain_dir``;
-    ``imagenet``/``file``: a local weights file (never downloaded). `mean`/`std` override the
-    normalisation (required for ``file`` when the weights do not come with a card).
+    ``imagenet``: the local `file`, else the timm/Hugging Face cache (`hf_cache_dir`, default the hub's)
+    for the arch's tag; ``file``: a local checkpoint. Nothing is ever downloaded. `mean`/`std` override
+    the normalisation (set them for ``file`` checkpoints not trained with ImageNet statistics).
     """
     import timm
 
@@ -117,30 +167,25 @@ def materialize_backbone(
     elif init == "fractal":
         if pretrain_dir is None:
             raise ValueError("init 'fractal' needs pretrain_dir (the pretrain stage output)")
+        if not (Path(pretrain_dir) / CARD).is_file():
+            raise FileNotFoundError(f"{Path(pretrain_dir) / CARD} not found: run the pretrain stage first")
         pre_card = read_card(pretrain_dir)
         if pre_card.arch.split(".")[0] != arch.split(".")[0]:
             raise ValueError(
                 f"backbone arch {arch!r} differs from the fractal-pretrained arch {pre_card.arch!r} "
                 f"in {pretrain_dir}: set pretrain.arch to match"
             )
-        state = load_file(str(Path(pretrain_dir) / WEIGHTS))
-        source = f"fractal pretraining ({pretrain_dir})"
+        weights = Path(pretrain_dir) / WEIGHTS
+        if pre_card.weights_sha256 and sha256_file(weights) != pre_card.weights_sha256:
+            raise ValueError(f"{weights} does not match the sha256 in {Path(pretrain_dir) / CARD}: rerun pretrain")
+        state = load_file(str(weights))
+        source = "fractal pretraining (pretrain stage)"
         default_mean, default_std = pre_card.mean, pre_card.std
         extra = pre_card.extra
     else:
-        if file is None:
-            raise ValueError(f"init {init!r} needs a local weights file")
-        path = Path(file)
-        if not path.is_file():
-            hint = (
-                f"download the torchvision/timm weights for {arch!r} on a machine with internet and put them at {path}"
-                if init == "imagenet"
-                else f"put your checkpoint at {path}"
-            )
-            raise FileNotFoundError(f"backbone weights file {path} not found ({init}): {hint}. Nothing is downloaded.")
-        state = _load_state_dict_file(path)
-        _check_loads(arch, state, path)
-        source = f"{init} file {path} (sha256 {sha256_file(path)})"
+        path = _find_weights_file(arch, init, file, hf_cache_dir)
+        state = _check_loads(arch, _load_state_dict_file(path), path)
+        source = f"{init} file {path.name} (sha256 {sha256_file(path)})"
         # the tag ("resnet18.tv_in1k") selects the normalisation those weights were trained with
         pcfg = timm.create_model(arch, pretrained=False).pretrained_cfg
         default_mean, default_std = tuple(pcfg.get("mean", IMAGENET_MEAN)), tuple(pcfg.get("std", IMAGENET_STD))
@@ -165,5 +210,3 @@ def copy_backbone(src: Path, dst: Path) -> None:
         for name in (WEIGHTS, CARD):
             shutil.copy2(Path(src) / name, tmp / name)
 
-
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never let timm try a hub download from here

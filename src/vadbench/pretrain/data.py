@@ -1,0 +1,111 @@
+"""The fractal dataset as a classification task: manifest → held-out split → augmented tensors.
+
+Augmentation randomness is a pure function of (seed, epoch, sample index), not of a global RNG or of
+which process loads the sample. That is what lets a 2-process DDP run see exactly the crops of the
+1-process run, and a resumed run exactly the crops of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+
+@dataclass(frozen=True)
+class FractalSplit:
+    """Paths (absolute) and contiguous labels 0..num_classes-1 for train and held-out val."""
+
+    train: list[tuple[Path, int]]
+    val: list[tuple[Path, int]]
+    classes: list[int]  # original class ids, index = label
+
+
+def read_fractal_split(fractal_dir: Path, val_fraction: float, seed: int) -> FractalSplit:
+    """Hold out ``round(val_fraction * n)`` (≥ 1) instances of every class, chosen with `seed`."""
+    fractal_dir = Path(fractal_dir)
+    manifest = fractal_dir / "manifest.csv"
+    if not manifest.is_file():
+        raise FileNotFoundError(f"{manifest} not found: run the fractals stage first")
+    with open(manifest, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    if not rows or not {"path", "class"} <= set(rows[0]):
+        raise ValueError(f"{manifest}: expected columns 'path' and 'class' and at least one row")
+    by_class: dict[int, list[Path]] = {}
+    for i, row in enumerate(rows, start=2):
+        try:
+            cls = int(row["class"])
+        except ValueError:
+            raise ValueError(f"{manifest} line {i}: class {row['class']!r} is not an integer") from None
+        by_class.setdefault(cls, []).append(fractal_dir / row["path"])
+    if len(by_class) < 2:
+        raise ValueError(f"{manifest}: classification needs at least 2 classes, found {len(by_class)}")
+    classes = sorted(by_class)
+    rng = np.random.default_rng(seed)
+    train, val = [], []
+    for label, cls in enumerate(classes):
+        paths = sorted(by_class[cls])
+        if len(paths) < 2:
+            raise ValueError(f"{manifest}: class {cls} has {len(paths)} instance(s); need ≥ 2 to hold one out")
+        n_val = min(len(paths) - 1, max(1, round(val_fraction * len(paths))))
+        held = set(rng.choice(len(paths), size=n_val, replace=False).tolist())
+        for j, p in enumerate(paths):
+            (val if j in held else train).append((p, label))
+    return FractalSplit(train=train, val=val, classes=classes)
+
+
+def _sample_seed(seed: int, epoch: int, index: int) -> int:
+    digest = hashlib.blake2b(f"{seed}/{epoch}/{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+class FractalImages(Dataset):
+    """Item i → (image (1, crop, crop) float in [0, 1], label). Grey; the model input is made on device.
+
+    Train: resize to `input_size`, random crop + optional flip from (seed, epoch, i). Val: centre crop.
+    Call `set_epoch` before each epoch (workers are re-created per epoch, so they see it).
+    """
+
+    def __init__(self, items: list[tuple[Path, int]], input_size: int, crop_size: int, train: bool,
+                 hflip: bool = True, seed: int = 0):
+        self.items, self.input_size, self.crop_size = items, input_size, crop_size
+        self.train, self.hflip, self.seed, self.epoch = train, hflip, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def _load(self, path: Path) -> torch.Tensor:
+        try:
+            with Image.open(path) as im:
+                im = im.convert("L")
+                if im.size != (self.input_size, self.input_size):
+                    im = im.resize((self.input_size, self.input_size), Image.BILINEAR)
+                arr = np.asarray(im, dtype=np.uint8)
+        except (OSError, ValueError) as err:
+            raise ValueError(f"fractal image {path} cannot be read: {err}") from None
+        return torch.from_numpy(arr.copy())
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        path, label = self.items[index]
+        img = self._load(path)
+        room = self.input_size - self.crop_size
+        if self.train:
+            g = torch.Generator().manual_seed(_sample_seed(self.seed, self.epoch, index))
+            top, left = (int(v) for v in torch.randint(0, room + 1, (2,), generator=g))
+            flip = self.hflip and bool(torch.randint(0, 2, (1,), generator=g))
+        else:
+            top = left = room // 2
+            flip = False
+        img = img[top: top + self.crop_size, left: left + self.crop_size]
+        if flip:
+            img = img.flip(-1)
+        return img.unsqueeze(0).float().div_(255.0), label

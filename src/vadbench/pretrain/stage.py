@@ -1,0 +1,81 @@
+"""The pretrain stage's work, callable from stages/pretrain.py, from torchrun and from tests.
+
+Outputs (rank 0 only, each written atomically):
+  <out_dir>/weights.safetensors  full timm state dict (classifier included; features_only drops it)
+  <out_dir>/card.json            BackboneCard: arch, init "fractal", mean/std used in training, extra
+  <out_dir>/timing.json          throughput (kept out of card/metrics so those stay deterministic)
+  <metrics_path>                 final/best val top-1, chance level, sizes (deterministic)
+  <log_path>                     per-epoch CSV: epoch,train_loss,train_top1,val_top1,lr
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import save_file
+
+from vadbench.backbones.weights import CARD, WEIGHTS, BackboneCard
+from vadbench.io import atomic_dir, sha256_file, write_json, write_text
+from vadbench.pretrain.dist import barrier, init_distributed, shutdown_distributed
+from vadbench.pretrain.params import PretrainParams
+from vadbench.pretrain.train import LOG_COLUMNS, PretrainResult, pretrain, run_key
+from vadbench.runtime import select_device
+
+
+def _fractal_info(fractal_dir: Path) -> dict[str, Any]:
+    path = Path(fractal_dir) / "info.json"
+    info = json.loads(path.read_text()) if path.is_file() else {}
+    return {**info.get("params", {}), **info}  # image_size sits at the top level or under "params"
+
+
+def write_outputs(result: PretrainResult, p: PretrainParams, seed: int, fractal_dir: Path, out_dir: Path,
+                  metrics_path: Path, log_path: Path) -> BackboneCard:
+    final = result.log[-1]
+    extra = dict(
+        fractal_data_sha256=result.data_sha256,
+        fractal_image_size=_fractal_info(fractal_dir).get("image_size"),
+        epochs=p.epochs, batch_size=p.batch_size, lr=p.lr, milestones=list(p.milestones), seed=seed,
+        num_classes=result.num_classes, input_size=p.input_size, image_size=p.crop_size,
+        val_top1=final["val_top1"], train_top1=final["train_top1"], n_train=result.n_train, n_val=result.n_val,
+    )
+    card = BackboneCard(arch=p.arch, init="fractal", mean=tuple(p.mean), std=tuple(p.std),
+                        source=f"vadbench pretrain stage: {p.arch} trained from scratch on {fractal_dir}", extra=extra)
+    with atomic_dir(Path(out_dir)) as tmp:
+        save_file(result.state_dict, str(tmp / WEIGHTS))
+        card.weights_sha256 = sha256_file(tmp / WEIGHTS)
+        (tmp / CARD).write_text(json.dumps(card.to_json(), indent=2, sort_keys=True) + "\n")
+        (tmp / "timing.json").write_text(json.dumps(result.timing, indent=2, sort_keys=True) + "\n")
+    metrics = dict(
+        val_top1=final["val_top1"], best_val_top1=max(r["val_top1"] for r in result.log),
+        train_top1=final["train_top1"], train_loss=final["train_loss"], chance_top1=1.0 / result.num_classes,
+        epochs=p.epochs, num_classes=result.num_classes, n_train=result.n_train, n_val=result.n_val,
+    )
+    write_json(Path(metrics_path), metrics)
+    lines = [",".join(LOG_COLUMNS)]
+    lines += [",".join(str(int(r[c])) if c == "epoch" else f"{r[c]:.6g}" for c in LOG_COLUMNS) for r in result.log]
+    write_text(Path(log_path), "\n".join(lines) + "\n")
+    return card
+
+
+def run_pretrain(fractal_dir: Path, out_dir: Path, metrics_path: Path, log_path: Path, work_root: Path,
+                 p: PretrainParams, *, seed: int, device: str = "auto",
+                 stop_after_epoch: int | None = None) -> PretrainResult:
+    """Whole stage for this process: joins torchrun's group if launched by it; rank 0 writes the outputs.
+
+    The checkpoint dir is removed after a successful write (DVC caches the outputs; nothing to resume).
+    """
+    ctx, dev = init_distributed(select_device(device), p.dist_timeout_s)
+    try:
+        result = pretrain(Path(fractal_dir), p, seed=seed, device=dev, work_root=Path(work_root), ctx=ctx,
+                          stop_after_epoch=stop_after_epoch)
+        if ctx.is_main:
+            write_outputs(result, p, seed, Path(fractal_dir), Path(out_dir), Path(metrics_path), Path(log_path))
+            key = run_key(p, seed, result.data_sha256, ctx.world_size, dev.type)
+            shutil.rmtree(Path(work_root) / key, ignore_errors=True)
+        barrier(ctx)
+        return result
+    finally:
+        shutdown_distributed()

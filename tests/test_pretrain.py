@@ -1,0 +1,164 @@
+"""Fractal pretraining: learns the classes, logs, checkpoints, resumes exactly, writes timm-loadable weights."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from vadbench.backbones import read_card
+from vadbench.pretrain.data import FractalImages, read_fractal_split
+from vadbench.pretrain.params import PretrainParams
+from vadbench.pretrain.stage import run_pretrain
+from vadbench.pretrain.train import StopRequested, lr_at
+
+
+def _shape(kind: int, size: int, rng: np.random.Generator) -> np.ndarray:
+    """One instance of a simple class-specific shape with random position/scale (a stand-in for an IFS)."""
+    yy, xx = np.mgrid[:size, :size].astype(np.float32)
+    cy, cx = rng.uniform(0.4, 0.6, 2) * size
+    r = rng.uniform(0.2, 0.3) * size
+    dy, dx = yy - cy, xx - cx
+    masks = [
+        dy**2 + dx**2 <= r**2,                                        # disc
+        (np.abs(dy) <= r) & (np.abs(dx) <= r) & ~((np.abs(dy) < r - 2) & (np.abs(dx) < r - 2)),  # square outline
+        ((np.abs(dy) <= 1.5) | (np.abs(dx) <= 1.5)) & (np.abs(dy) <= r) & (np.abs(dx) <= r),      # plus
+        (np.abs(dy - dx) <= 1.5) & (np.abs(dx) <= r),                 # diagonal line
+        (np.abs(np.hypot(dy, dx) - r) <= 1.2),                       # ring
+        (np.abs(dy) <= r / 3) & (np.abs(dx) <= r),                    # bar
+    ]
+    img = masks[kind % len(masks)].astype(np.float32)
+    img *= rng.uniform(0.7, 1.0)
+    return (np.clip(img + rng.normal(0, 0.03, img.shape), 0, 1) * 255).astype(np.uint8)
+
+
+def make_fake_fractals(root: Path, num_classes: int = 4, instances: int = 8, size: int = 32, seed: int = 0) -> Path:
+    """data/fractals layout: images/<class:04d>/<instance:04d>.png, manifest.csv (path,class), info.json."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for c in range(num_classes):
+        for i in range(instances):
+            rel = f"images/{c:04d}/{i:04d}.png"
+            (root / rel).parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(_shape(c, size, rng), mode="L").save(root / rel)
+            rows.append((rel, c))
+    with open(root / "manifest.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "class"])
+        w.writerows(rows)
+    (root / "info.json").write_text(json.dumps({"image_size": size, "num_classes": num_classes}))
+    return root
+
+
+@pytest.fixture
+def one_thread():
+    """Single intra-op thread: on a loaded 2-core machine, 2 OpenMP threads run ~10× slower, not faster."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+TINY = dict(arch="resnet18", batch_size=8, lr=0.02, milestones=[], warmup_epochs=0, input_size=32, crop_size=28,
+            val_fraction=0.25)
+
+
+def _run(fractals: Path, out: Path, work: Path, stop_after_epoch: int | None = None, **kw):
+    p = PretrainParams(**{**TINY, **kw})
+    return run_pretrain(fractals, out / "pretrain", out / "metrics.json", out / "log.csv", work, p, seed=0,
+                        device="cpu", stop_after_epoch=stop_after_epoch)
+
+
+def test_split_holds_out_instances_of_every_class(tmp_path):
+    fr = make_fake_fractals(tmp_path / "fr", num_classes=3, instances=10, size=16)
+    a = read_fractal_split(fr, 0.2, seed=1)
+    assert a == read_fractal_split(fr, 0.2, seed=1)  # deterministic
+    assert {p for p, _ in a.train}.isdisjoint({p for p, _ in a.val})
+    assert sorted(lab for _, lab in a.val) == [0, 0, 1, 1, 2, 2]  # 20 % of 10 per class
+    assert {p for p, _ in a.val} != {p for p, _ in read_fractal_split(fr, 0.2, seed=2).val}
+    (fr / "manifest.csv").write_text("path,label\nimages/0000/0000.png,0\n")
+    with pytest.raises(ValueError, match="manifest.csv.*'class'"):
+        read_fractal_split(fr, 0.2, seed=1)
+    with pytest.raises(FileNotFoundError, match="nowhere/manifest.csv"):
+        read_fractal_split(tmp_path / "nowhere", 0.2, seed=1)
+
+
+def test_augmentation_is_a_function_of_seed_epoch_and_index(tmp_path):
+    fr = make_fake_fractals(tmp_path / "fr", num_classes=2, instances=4, size=32)
+    items = read_fractal_split(fr, 0.25, seed=0).train
+    ds = FractalImages(items, input_size=32, crop_size=20, train=True, seed=5)
+    x0 = torch.stack([ds[i][0] for i in range(len(ds))])
+    again = FractalImages(items, input_size=32, crop_size=20, train=True, seed=5)
+    assert torch.equal(x0, torch.stack([again[i][0] for i in reversed(range(len(ds)))]).flip(0))
+    ds.set_epoch(1)
+    assert not torch.equal(x0, torch.stack([ds[i][0] for i in range(len(ds))]))
+    assert x0.shape == (len(items), 1, 20, 20) and 0 <= x0.min() and x0.max() <= 1
+    val = FractalImages(items, input_size=24, crop_size=20, train=False)  # resize 32→24, centre crop
+    assert val[0][0].shape == (1, 20, 20)
+
+
+def test_params_reject_inconsistent_values():
+    with pytest.raises(ValueError, match="crop_size"):
+        PretrainParams(input_size=32, crop_size=40)
+    with pytest.raises(ValueError, match="milestones"):
+        PretrainParams(epochs=10, milestones=[6, 3])
+    with pytest.raises(ValueError, match="nproc_per_node"):
+        PretrainParams(batch_size=10, nproc_per_node=4)
+
+
+def test_multistep_schedule_with_warmup():
+    p = PretrainParams(epochs=90, lr=0.1, milestones=[30, 60], gamma=0.1, warmup_epochs=1)
+    assert lr_at(p, 0, 0, 10) == pytest.approx(0.01)  # warm-up ramps within epoch 0
+    assert lr_at(p, 0, 9, 10) == pytest.approx(0.1)
+    assert [lr_at(p, e, 0, 10) for e in (29, 30, 59, 60, 89)] == pytest.approx([0.1, 0.01, 0.01, 0.001, 0.001])
+
+
+def test_pretraining_learns_and_writes_timm_loadable_weights(tmp_path, one_thread):
+    fr = make_fake_fractals(tmp_path / "fr", num_classes=4, instances=12, size=32)
+    result = _run(fr, tmp_path, tmp_path / "work", epochs=8, batch_size=12, milestones=[6])
+    chance = 1 / 4
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["val_top1"] >= 2 * chance, result.log  # the held-out instances are recognised
+    assert metrics["chance_top1"] == chance and metrics["num_classes"] == 4
+    with open(tmp_path / "log.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [int(r["epoch"]) for r in rows] == list(range(1, 9))
+    assert set(rows[0]) == {"epoch", "train_loss", "train_top1", "val_top1", "lr"}
+    assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"])
+    assert float(rows[-1]["lr"]) == pytest.approx(0.002)
+
+    card = read_card(tmp_path / "pretrain")
+    assert (card.arch, card.init, card.mean, card.std) == ("resnet18", "fractal", (0.2,) * 3, (0.5,) * 3)
+    assert card.extra["num_classes"] == 4 and card.extra["val_top1"] == metrics["val_top1"]
+    weights = tmp_path / "pretrain" / "weights.safetensors"
+    net = timm.create_model("resnet18", pretrained=True, features_only=True,
+                            pretrained_cfg_overlay=dict(file=str(weights)))
+    saved = load_file(str(weights))
+    assert saved["fc.weight"].shape == (4, 512)  # full classifier kept; features_only dropped it
+    for key in ("conv1.weight", "layer3.1.bn2.running_var"):
+        assert torch.equal(net.state_dict()[key], saved[key])
+    assert not (tmp_path / "work").exists() or not any((tmp_path / "work").iterdir())  # checkpoints cleaned
+
+
+def test_interrupted_run_resumes_to_identical_weights(tmp_path, one_thread):
+    fr = make_fake_fractals(tmp_path / "fr", num_classes=4, instances=8, size=32)
+    full = _run(fr, tmp_path / "full", tmp_path / "work_full", epochs=3)
+    with pytest.raises(StopRequested):
+        _run(fr, tmp_path / "cut", tmp_path / "work_cut", epochs=3, stop_after_epoch=1)
+    assert not (tmp_path / "cut" / "pretrain").exists()  # nothing final is written by an interrupted run
+    ckpts = list((tmp_path / "work_cut").glob("*/last.pt"))
+    assert len(ckpts) == 1
+    assert torch.load(ckpts[0], weights_only=True)["epochs_done"] == 1
+    resumed = _run(fr, tmp_path / "cut", tmp_path / "work_cut", epochs=3)
+    assert resumed.resumed_from_epoch == 1 and full.resumed_from_epoch == 0
+    assert resumed.log == full.log
+    assert full.state_dict.keys() == resumed.state_dict.keys()
+    for k, v in full.state_dict.items():
+        assert torch.equal(v, resumed.state_dict[k]), k
