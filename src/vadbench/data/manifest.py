@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -133,10 +134,19 @@ def _load_mask(path: Path, size: int | None, shape: tuple[int, int]) -> np.ndarr
     return (arr >= 128).astype(np.uint8)  # non-binary masks: threshold at half range
 
 
-def load_split(root: Path, split: str, *, image_size: int | None = None, channels: int | None = None) -> ImageSet:
+def load_split(
+    root: Path,
+    split: str,
+    *,
+    image_size: int | None = None,
+    channels: int | None = None,
+    center_crop: int | None = None,
+) -> ImageSet:
     """Load every image of `split` from a prepared dataset, resized to `image_size` (None: as stored).
 
     `channels` None → 1 if every image of the dataset is grey, else 3.
+    `center_crop` None → the dataset's own choice (``center_crop`` in its info.json, written by
+    prepare; no crop when absent); an int → crop the (resized) images and masks to that square.
     """
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -144,14 +154,20 @@ def load_split(root: Path, split: str, *, image_size: int | None = None, channel
     rows = [r for r in read_manifest(root) if r.split == split]
     if channels is None:
         channels = dataset_channels(root)
+    if center_crop is None:
+        center_crop = dataset_center_crop(root)
     imgs, masks, has_mask = [], [], []
     for r in rows:
         img = _load_image(root / r.path, channels, image_size)
         hw = img.shape[1:]
         if r.mask_path:
-            masks.append(_load_mask(root / r.mask_path, image_size, hw))
+            mask = _load_mask(root / r.mask_path, image_size, hw)
         else:
-            masks.append(np.zeros(hw, dtype=np.uint8))
+            mask = np.zeros(hw, dtype=np.uint8)
+        if center_crop is not None:
+            img = _center_crop(img, center_crop, root / r.path)
+            mask = _center_crop(mask[None], center_crop, root / r.path)[0]
+        masks.append(mask)
         has_mask.append(bool(r.mask_path) or r.label == 0)
         imgs.append(img)
     if imgs:
@@ -161,8 +177,9 @@ def load_split(root: Path, split: str, *, image_size: int | None = None, channel
         images = torch.from_numpy(np.stack(imgs)).float().div_(255.0)
         mask_t = torch.from_numpy(np.stack(masks))
     else:
-        images = torch.zeros((0, channels, image_size or 0, image_size or 0))
-        mask_t = torch.zeros((0, image_size or 0, image_size or 0), dtype=torch.uint8)
+        side = center_crop or image_size or 0
+        images = torch.zeros((0, channels, side, side))
+        mask_t = torch.zeros((0, side, side), dtype=torch.uint8)
     return ImageSet(
         images=images,
         masks=mask_t,
@@ -180,3 +197,23 @@ def dataset_channels(root: Path) -> int:
         raise ValueError(f"{root}/{MANIFEST} lists no images")
     with Image.open(Path(root) / rows[0].path) as im:
         return 1 if im.mode in ("L", "I", "I;16", "1", "F") else 3
+
+
+def _center_crop(arr: np.ndarray, size: int, path: Path) -> np.ndarray:
+    """(C, H, W) → (C, size, size), centred (extra odd pixel goes to the bottom/right)."""
+    h, w = arr.shape[1:]
+    if size > h or size > w:
+        raise ValueError(f"{path}: center_crop {size} is larger than the image ({h}x{w}); lower center_crop")
+    top, left = (h - size) // 2, (w - size) // 2
+    return arr[:, top : top + size, left : left + size]
+
+
+def dataset_center_crop(root: Path) -> int | None:
+    """The crop a prepared dataset asks for (its info.json ``center_crop``), or None."""
+    info = Path(root) / "info.json"
+    if not info.is_file():
+        return None
+    value = json.loads(info.read_text()).get("center_crop")
+    if value is not None and (not isinstance(value, int) or value < 1):
+        raise ValueError(f"{info}: center_crop must be a positive integer or null, got {value!r}")
+    return value

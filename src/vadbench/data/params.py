@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from vadbench.schema import StrictModel
 
@@ -19,14 +19,109 @@ class InputPolicy(StrictModel):
 
 
 class SyntheticSemParams(InputPolicy):
+    """Embedded SEM-like metal-layer images (`data/synthetic_sem.py`), generated from the global seed."""
+
     kind: Literal["synthetic_sem"] = "synthetic_sem"
+    # below 64 px the narrowest lines and vias fall under 2 px and defects stop being visible
+    image_size: int = Field(128, ge=64, le=1024, description="side of the written grey PNGs in px")
+    supersample: int = Field(2, ge=1, le=4, description="render at supersample × image_size, then box-downsample")
     n_train: int = Field(100, ge=1)
     n_val: int = Field(20, ge=1)
     n_test_normal: int = Field(30, ge=1)
-    n_test_per_defect: int = Field(10, ge=1)
+    n_test_per_defect: int = Field(8, ge=1)
     defect_types: list[Literal["particle", "bridge", "open", "scratch", "stain", "missing"]] = Field(
         default_factory=lambda: list(SEM_DEFECTS), min_length=1
     )
+    defect_scale: float = Field(
+        1.0, ge=0.5, le=3.0, description="multiplies every defect's size (1.0: realistic sizes at 128 px)"
+    )
+
+    @model_validator(mode="after")
+    def _unique_defects(self) -> SyntheticSemParams:
+        if len(set(self.defect_types)) != len(self.defect_types):
+            raise ValueError(f"defect_types lists a type twice: {self.defect_types}")
+        return self
 
 
-DatasetSpec = Annotated[SyntheticSemParams, Field(discriminator="kind")]
+# ---- real datasets (issue 5) ----------------------------------------------------------------------
+MVTEC_AD_CATEGORIES = ("bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut",
+                       "pill", "screw", "tile", "toothbrush", "transistor", "wood", "zipper")
+VISA_CATEGORIES = ("candle", "capsules", "cashew", "chewinggum", "fryum", "macaroni1", "macaroni2",
+                   "pcb1", "pcb2", "pcb3", "pcb4", "pipe_fryum")
+MVTEC_LOCO_CATEGORIES = ("breakfast_box", "juice_bottle", "pushpins", "screw_bag", "splicing_connectors")
+MPDD_CATEGORIES = ("bracket_black", "bracket_brown", "bracket_white", "connector", "metal_plate", "tubes")
+BTAD_CATEGORIES = ("01", "02", "03")
+
+
+class RealDatasetParams(InputPolicy):
+    """Shared by every real-dataset kind: where the data comes from and how images are checked."""
+
+    val_fraction: float = Field(0.1, ge=0, lt=1, description="normals carved from train into val (seeded)")
+    channels: Literal["auto", "grey", "rgb"] = Field("auto", description="auto: grey iff every image is grey")
+    data_dir: str | None = Field(None, description="an already-extracted tree; skips download")
+    url: str | None = Field(None, description="override the registry URL (mirrors, tests)")
+    sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$", description="the archive checksum you trust")
+    archive: str | None = Field(None, description="override the archive file name under data/raw")
+    on_bad_image: Literal["error", "skip"] = Field("error", description="corrupt/oversized files: stop or skip+report")
+    max_pixels: int = Field(100_000_000, ge=1, description="reject larger images from their header, before decoding")
+    max_extract_bytes: int = Field(32 * 2**30, ge=1, description="cap on the total size an archive may extract to")
+    connect_timeout: float = Field(10.0, gt=0, le=120)
+    check_counts: bool = Field(True, description="compare source counts with the registry's published counts")
+
+
+class MvtecAdParams(RealDatasetParams):
+    kind: Literal["mvtec_ad"] = "mvtec_ad"
+    category: Literal[MVTEC_AD_CATEGORIES]  # type: ignore[valid-type]
+
+
+class VisaParams(RealDatasetParams):
+    kind: Literal["visa"] = "visa"
+    category: Literal[VISA_CATEGORIES]  # type: ignore[valid-type]
+
+
+class MvtecLocoParams(RealDatasetParams):
+    kind: Literal["mvtec_loco"] = "mvtec_loco"
+    category: Literal[MVTEC_LOCO_CATEGORIES]  # type: ignore[valid-type]
+
+
+class MpddParams(RealDatasetParams):
+    kind: Literal["mpdd"] = "mpdd"
+    category: Literal[MPDD_CATEGORIES]  # type: ignore[valid-type]
+
+
+class BtadParams(RealDatasetParams):
+    kind: Literal["btad"] = "btad"
+    category: Literal[BTAD_CATEGORIES]  # type: ignore[valid-type]
+
+
+class MiicParams(RealDatasetParams):
+    kind: Literal["miic"] = "miic"
+
+
+class ElpvParams(RealDatasetParams):
+    kind: Literal["elpv"] = "elpv"
+    category: Literal["mono", "poly"]
+    uncertain: Literal["drop", "normal", "defective"] = Field(
+        "drop", description="cells with defect probability strictly between 0 and 1"
+    )
+    test_normal_fraction: float = Field(0.2, gt=0, lt=1, description="normals held out for test (seeded)")
+
+
+class FolderParams(RealDatasetParams):
+    """Any user tree: normal images, abnormal images (sub-dirs = defect types), optional masks."""
+
+    kind: Literal["folder"] = "folder"
+    category: str = Field("folder", pattern=r"^[A-Za-z0-9_]+$")
+    normal_dir: str
+    abnormal_dir: str
+    mask_dir: str | None = Field(None, description="masks mirror abnormal_dir; name = image stem + mask_suffix")
+    mask_suffix: str = ""
+    test_normal_dir: str | None = Field(None, description="the tree's own test normals; else carved from normal_dir")
+    test_normal_fraction: float = Field(0.2, gt=0, lt=1)
+
+
+DatasetSpec = Annotated[
+    SyntheticSemParams | MvtecAdParams | VisaParams | MvtecLocoParams | MpddParams | BtadParams | MiicParams
+    | ElpvParams | FolderParams,
+    Field(discriminator="kind"),
+]
