@@ -12,8 +12,8 @@ def run(params: Params, dataset: str, model: str, backbone: str) -> None:
     spec = params.datasets[dataset]
     inputs = CellInputs(Path("data/prepared") / dataset, Path("data/backbones") / backbone, spec.image_size, spec.center_crop)
     out = Path("data/fits") / cell_name(dataset, model, backbone)
-    summary = fit_cell(inputs, model, params.models.get(model, {}), out, seed=params.seed, device=params.device)
-    print(f"fit {out.name}: {summary['fit_seconds']:.1f} s, peak RSS {summary['fit_peak_rss_mb']:.0f} MB")
+    for s in fit_cell(inputs, model, params.models.get(model, {}), out, seeds=params.run.seeds, device=params.device):
+        print(f"fit {out.name} seed {s['seed']}: {s['fit_seconds']:.1f} s, peak RSS {s['fit_peak_rss_mb']:.0f} MB")
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ def run(params: Params, dataset: str, model: str, backbone: str) -> None:
         Path("data/scores") / name,
         Path("reports/cells") / name,
         settings,
+        seeds=params.run.seeds,
         device=params.device,
         gallery_size=params.aggregate.gallery_size,
     )

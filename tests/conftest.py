@@ -5,11 +5,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import numpy as np
-import pytest
-import torch
-
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # timm must never reach for the network in tests
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # must be set before torch loads OpenMP
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 

@@ -1,4 +1,4 @@
-"""One benchmark cell — a dataset × model × backbone — fitted, then scored.
+"""One benchmark cell — a dataset × model × backbone — fitted, then scored, once per seed.
 
 The fit and score stages are thin wrappers around `fit_cell` and `score_cell`. A cell's fit
 sees only the train and val splits; the test split is loaded by `score_cell` alone.
@@ -18,13 +18,15 @@ from vadbench.backbones import load_feature_extractor
 from vadbench.data.manifest import ImageSet, load_split
 from vadbench.io import atomic_dir
 from vadbench.metrics import cost
-from vadbench.metrics.image import image_metrics
+from vadbench.metrics.image import image_metrics, pr_points, roc_points
 from vadbench.metrics.pixel import pixel_metrics
 from vadbench.models import AnomalyModel, create_model, load_model, model_class
 from vadbench.runtime import seed_everything, select_device, set_deterministic
 
 MODEL_FILE = "model.pt"
 FIT_REPORT = "fit.json"
+SCORES, MAPS, METRICS, COSTS = "scores.csv", "maps.npy", "metrics.json", "costs.json"
+PIXEL_KEYS = ("pixel_auroc", "pixel_aupr", "pixel_f1_max", "pixel_aupro")
 
 
 @dataclass(frozen=True)
@@ -37,15 +39,25 @@ class CellInputs:
     center_crop: int | None = None
 
 
+@dataclass(frozen=True)
+class ScoreSettings:
+    batch_size: int = 16
+    latency_warmup: int = 2
+    latency_repeats: int = 10
+    threshold_quantile: float = 0.99
+    aupro_fpr_limit: float = 0.3
+
+
 def cell_name(dataset: str, model: str, backbone: str) -> str:
     return f"{dataset}-{model}-{backbone}"
 
 
+def seed_dir(root: Path, seed: int) -> Path:
+    return Path(root) / f"seed-{seed}"
+
+
 def _load(inputs: CellInputs, split: str) -> ImageSet:
-    kwargs: dict[str, Any] = {"image_size": inputs.image_size}
-    if inputs.center_crop:
-        kwargs["center_crop"] = inputs.center_crop
-    return load_split(inputs.dataset_dir, split, **kwargs)
+    return load_split(inputs.dataset_dir, split, image_size=inputs.image_size, center_crop=inputs.center_crop)
 
 
 def _backbone_for(model_name: str, hparams: dict[str, Any], inputs: CellInputs, device: torch.device):
@@ -58,6 +70,11 @@ def _backbone_for(model_name: str, hparams: dict[str, Any], inputs: CellInputs, 
     return load_feature_extractor(inputs.backbone_dir, layers, device)
 
 
+def _with_seed(model_name: str, hparams: dict[str, Any], seed: int) -> dict[str, Any]:
+    # the run's seed list, not params.yaml, decides each model's seed (config rejects models.<m>.seed)
+    return {**hparams, "seed": seed} if "seed" in model_class(model_name).Params.model_fields else dict(hparams)
+
+
 def _device_info(device: torch.device) -> str:
     info = cost.device_info(device)
     return f"{info['device']} ({info['name']}, {info['torch_threads']} threads)"
@@ -68,11 +85,19 @@ def _mb(n_bytes: int | None) -> float | None:
 
 
 def fit_cell(
-    inputs: CellInputs, model_name: str, hparams: dict[str, Any], out_dir: Path, *, seed: int, device: str = "auto"
-) -> dict[str, Any]:
-    """Fit `model_name` on the train normals (val normals for early stopping) and save it to `out_dir`."""
+    inputs: CellInputs,
+    model_name: str,
+    hparams: dict[str, Any],
+    out_dir: Path,
+    *,
+    seeds: list[int],
+    device: str = "auto",
+) -> list[dict[str, Any]]:
+    """Fit `model_name` once per seed on the train normals (val normals for early stopping only).
+
+    Writes ``out_dir/seed-<s>/{model.pt, fit.json}`` atomically; returns the per-seed summaries.
+    """
     dev = select_device(device)
-    seed_everything(seed)
     set_deterministic(True)
     train, val = _load(inputs, "train"), _load(inputs, "val")
     if len(train) == 0:
@@ -80,26 +105,33 @@ def fit_cell(
     if np.any(train.labels != 0) or np.any(val.labels != 0):
         raise ValueError(f"{inputs.dataset_dir}: train/val splits must hold normal images only")
     backbone = _backbone_for(model_name, hparams, inputs, dev)
-    model = create_model(model_name, backbone=backbone, **hparams).to(dev)
-    with cost.PeakMemory() as mem, cost.Stopwatch() as watch:
-        report = model.fit(train.images.to(dev), val.images.to(dev) if len(val) else None)
+    summaries = []
     with atomic_dir(out_dir) as tmp:
-        model.save(tmp / MODEL_FILE)
-        summary = {
-            "model": model_name,
-            "hparams": model.hparams,
-            "n_train": len(train),
-            "n_val": len(val),
-            "fit_report": report,
-            "fit_seconds": round(watch.seconds, 3),
-            "fit_peak_rss_mb": _mb(mem.peak_rss_bytes),
-            "fit_peak_cuda_mb": _mb(mem.peak_cuda_bytes),
-            "device": _device_info(dev),
-            "parameters": cost.count_parameters(model),
-            "model_bytes": (tmp / MODEL_FILE).stat().st_size,
-        }
-        (tmp / FIT_REPORT).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
-    return summary
+        for seed in seeds:
+            seed_everything(seed)
+            model = create_model(model_name, backbone=backbone, **_with_seed(model_name, hparams, seed)).to(dev)
+            with cost.PeakMemory() as mem, cost.Stopwatch() as watch:
+                report = model.fit(train.images.to(dev), val.images.to(dev) if len(val) else None)
+            target = seed_dir(tmp, seed)
+            target.mkdir()
+            model.save(target / MODEL_FILE)
+            summary = {
+                "model": model_name,
+                "seed": seed,
+                "hparams": model.hparams,
+                "n_train": len(train),
+                "n_val": len(val),
+                "fit_report": report,
+                "fit_seconds": round(watch.seconds, 3),
+                "fit_peak_rss_mb": _mb(mem.peak_rss_bytes),
+                "fit_peak_cuda_mb": _mb(mem.peak_cuda_bytes),
+                "device": _device_info(dev),
+                "parameters": cost.count_parameters(model),
+                "model_bytes": (target / MODEL_FILE).stat().st_size,
+            }
+            (target / FIT_REPORT).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+            summaries.append(summary)
+    return summaries
 
 
 @torch.no_grad()
@@ -118,19 +150,40 @@ def predict_batched(
     return np.concatenate(scores), np.concatenate(maps)
 
 
-SCORES = "scores.csv"
-MAPS = "maps.npy"
-METRICS = "metrics.json"
-COSTS = "costs.json"
+def _quality(model: AnomalyModel, test: ImageSet, scores, maps, val_scores, settings: ScoreSettings) -> dict[str, Any]:
+    """Image metrics + pixel metrics (or n/a with the reason) of one seed's predictions."""
+    image = image_metrics(scores, test.labels, val_scores, settings.threshold_quantile)
+    with_gt = test.has_mask
+    if not getattr(model, "has_pixel_maps", True):
+        pixel: dict[str, Any] = _na_pixel("image-level method: no pixel anomaly maps")
+    elif not np.any(test.labels[with_gt] == 1):
+        pixel = _na_pixel("no pixel ground truth for the anomalous test images")
+    else:
+        pixel = pixel_metrics(maps[with_gt], test.masks.numpy()[with_gt], fpr_limit=settings.aupro_fpr_limit)
+    reasons = {**image.get("na_reasons", {}), **pixel.get("na_reasons", {})}
+    merged = {k: v for d in (image, pixel) for k, v in d.items() if k != "na_reasons"}
+    merged["na_reasons"] = reasons
+    return merged
 
 
-@dataclass(frozen=True)
-class ScoreSettings:
-    batch_size: int = 16
-    latency_warmup: int = 2
-    latency_repeats: int = 10
-    threshold_quantile: float = 0.99
-    aupro_fpr_limit: float = 0.3
+def _na_pixel(reason: str) -> dict[str, Any]:
+    return {**{k: None for k in PIXEL_KEYS}, "na_reasons": {k: reason for k in PIXEL_KEYS}}
+
+
+def _over_seeds(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean of every numeric metric over seeds, plus `<key>_std` (population std) with several seeds."""
+    out: dict[str, Any] = {"na_reasons": per_seed[0]["na_reasons"]}
+    for key, first in per_seed[0].items():
+        if key == "na_reasons" or not (first is None or isinstance(first, (int, float))):
+            continue
+        values = [m[key] for m in per_seed]
+        if any(v is None for v in values):
+            out[key] = None
+            continue
+        out[key] = round(float(np.mean(values)), 6)
+        if len(values) > 1:
+            out[f"{key}_std"] = round(float(np.std(values)), 6)
+    return out
 
 
 def score_cell(
@@ -140,53 +193,51 @@ def score_cell(
     report_dir: Path,
     settings: ScoreSettings,
     *,
+    seeds: list[int],
     device: str = "auto",
     gallery_size: int = 4,
 ) -> dict[str, Any]:
-    """Score the test split with a fitted model; write scores, maps, metrics, costs and per-cell plots.
+    """Score the test split with every seed's model; write scores, maps, metrics, costs and plots.
 
-    `out_dir` (DVC-cached): scores.csv, maps.npy (float16), metrics.json (deterministic), costs.json
-    (timings, memory). `report_dir` (git-tracked plots): roc.csv, pr.csv, gallery.png.
+    `out_dir` (DVC-cached): scores.csv, maps.npy (float16), roc.csv, pr.csv (first seed),
+    metrics.json (mean over seeds, `_std`, per-seed values; deterministic), costs.json (measured).
+    `report_dir` (git-tracked plots): roc.csv, pr.csv, gallery.png of the first seed.
     """
-    from vadbench.metrics.image import pr_points, roc_points
     from vadbench.report.gallery import render_gallery
 
     dev = select_device(device)
     set_deterministic(True)
-    fit_info = json.loads((Path(fit_dir) / FIT_REPORT).read_text())
-    model_name = fit_info["model"]
-    backbone = _backbone_for(model_name, fit_info["hparams"], inputs, dev)
-    model = load_model(Path(fit_dir) / MODEL_FILE, backbone=backbone, map_location=dev).to(dev)
     test, val = _load(inputs, "test"), _load(inputs, "val")
     if len(test) == 0:
         raise ValueError(f"{inputs.dataset_dir}: the test split is empty")
-
-    with cost.PeakMemory() as mem, cost.Stopwatch() as watch:
-        scores, maps = predict_batched(model, test.images, settings.batch_size, dev)
-    val_scores = predict_batched(model, val.images, settings.batch_size, dev)[0] if len(val) else None
-    # batch-1 latency; throughput comes from the full batched pass above, so time one batch only here
-    latency = cost.measure_latency(
-        lambda x: model.predict(x.to(dev)),
-        test.images[: settings.batch_size],
-        settings.latency_warmup,
-        settings.latency_repeats,
-        settings.batch_size,
+    per_seed, first = [], None
+    for seed in seeds:
+        fit_info = json.loads((seed_dir(fit_dir, seed) / FIT_REPORT).read_text())
+        backbone = _backbone_for(fit_info["model"], fit_info["hparams"], inputs, dev)
+        model = load_model(seed_dir(fit_dir, seed) / MODEL_FILE, backbone=backbone, map_location=dev).to(dev)
+        with cost.PeakMemory() as mem, cost.Stopwatch() as watch:
+            scores, maps = predict_batched(model, test.images, settings.batch_size, dev)
+        val_scores = predict_batched(model, val.images, settings.batch_size, dev)[0] if len(val) else None
+        per_seed.append(_quality(model, test, scores, maps, val_scores, settings))
+        if first is None:  # costs, maps and pictures come from the first seed's model
+            latency = cost.measure_latency(
+                lambda x: model.predict(x.to(dev)),
+                test.images[: settings.batch_size],
+                settings.latency_warmup,
+                settings.latency_repeats,
+                settings.batch_size,
+            )
+            first = (model, scores, maps, fit_info, mem, watch, latency)
+    model, scores, maps, fit_info, mem, watch, latency = first
+    metrics = _over_seeds(per_seed)
+    metrics.update(
+        seeds=list(seeds),
+        per_seed={str(s): m for s, m in zip(seeds, per_seed)},
+        image_size=inputs.image_size,
+        center_crop=inputs.center_crop,
+        n_test=len(test),
+        n_test_anomalous=int(test.labels.sum()),
     )
-
-    image = image_metrics(scores, test.labels, val_scores, settings.threshold_quantile)
-    has_maps = getattr(model, "has_pixel_maps", True)
-    with_gt = test.has_mask
-    if not has_maps:
-        pixel = _na_pixel("image-level method: no pixel anomaly maps")
-    elif not np.any(test.labels[with_gt] == 1):
-        pixel = _na_pixel("no pixel ground truth for the anomalous test images")
-    else:
-        pixel = pixel_metrics(maps[with_gt], test.masks.numpy()[with_gt], fpr_limit=settings.aupro_fpr_limit)
-    metrics = _merge(image, pixel)
-    metrics["image_size"] = inputs.image_size
-    metrics["center_crop"] = inputs.center_crop
-    metrics["n_test"] = len(test)
-    metrics["n_test_anomalous"] = int(test.labels.sum())
     costs = {
         "fit_seconds": fit_info["fit_seconds"],
         "fit_peak_rss_mb": fit_info["fit_peak_rss_mb"],
@@ -201,6 +252,7 @@ def score_cell(
         "device": _device_info(dev),
     }
     roc, pr = roc_points(scores, test.labels), pr_points(scores, test.labels)
+    has_maps = getattr(model, "has_pixel_maps", True)
     with atomic_dir(out_dir) as tmp:
         _write_scores(tmp / SCORES, test, scores)
         _write_curve(tmp / "roc.csv", roc, ("fpr", "tpr"))
@@ -224,22 +276,9 @@ def score_cell(
     return {"metrics": metrics, "costs": costs}
 
 
-def _na_pixel(reason: str) -> dict[str, Any]:
-    keys = ("pixel_auroc", "pixel_aupr", "pixel_f1_max", "pixel_aupro")
-    return {**{k: None for k in keys}, "na_reasons": {k: reason for k in keys}}
-
-
-def _merge(image: dict[str, Any], pixel: dict[str, Any]) -> dict[str, Any]:
-    """One flat metrics dict; every None carries its reason under `na_reasons`."""
-    reasons = {**image.get("na_reasons", {}), **pixel.get("na_reasons", {})}
-    merged = {k: v for d in (image, pixel) for k, v in d.items() if k != "na_reasons"}
-    merged["na_reasons"] = reasons
-    return merged
-
-
 def _write_scores(path: Path, test: ImageSet, scores: np.ndarray) -> None:
     lines = ["path,label,defect_type,score"]
-    lines += [f"{p},{int(l)},{d},{s:.6g}" for p, l, d, s in zip(test.paths, test.labels, test.defect_types, scores)]
+    lines += [f"{p},{int(y)},{d},{s:.6g}" for p, y, d, s in zip(test.paths, test.labels, test.defect_types, scores)]
     path.write_text("\n".join(lines) + "\n")
 
 

@@ -30,10 +30,11 @@ class RunGrid(StrictModel):
     datasets: list[str] = Field(min_length=1)
     models: list[str] = Field(min_length=1)
     backbones: list[str] = Field(min_length=1)
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1, description="one fit per seed; mean ± std")
 
     @model_validator(mode="after")
     def _unique(self) -> RunGrid:
-        for key in ("datasets", "models", "backbones"):
+        for key in ("datasets", "models", "backbones", "seeds"):
             values = getattr(self, key)
             if len(set(values)) != len(values):
                 raise ValueError(f"run.{key} lists a name twice: {values}")
@@ -100,6 +101,9 @@ def _check_names(p: Params) -> list[str]:
         where = "run.models" if name in p.run.models else "models"
         if name not in registered:
             errors.append(f"{where}: unknown model {name!r}; available: {registered}")
+            continue
+        if "seed" in p.models.get(name, {}):
+            errors.append(f"models.{name}.seed: set seeds with run.seeds (every model gets each seed), not per model")
             continue
         try:
             p.model_params(name)

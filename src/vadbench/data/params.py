@@ -35,6 +35,13 @@ class SyntheticSemParams(InputPolicy):
     defect_scale: float = Field(
         1.0, ge=0.5, le=3.0, description="multiplies every defect's size (1.0: realistic sizes at 128 px)"
     )
+    # design variation between normal images; the default is one product layer (see SemLayout)
+    pitches: list[Annotated[float, Field(ge=6.0, le=40.0)]] = Field(
+        default_factory=lambda: [12.0], min_length=1, description="line pitches the layer uses (px at 128 px)"
+    )
+    via_fraction: float = Field(1.0, ge=0, le=1, description="share of images with a via array")
+    pad_fraction: float = Field(0.0, ge=0, le=1, description="share of images with a pad")
+    horizontal_fraction: float = Field(0.0, ge=0, le=1, description="share of images with horizontal lines")
 
     @model_validator(mode="after")
     def _unique_defects(self) -> SyntheticSemParams:

@@ -37,13 +37,32 @@ from vadbench.io import atomic_dir, write_json
 MASK_THRESHOLD = 0.05  # noise-free intensity change (of 1.0) that counts as "altered" (~13 grey levels)
 MIN_MASK_PX = 4  # a defect that changes fewer final px is redrawn
 _MAX_TRIES = 20
-_PITCHES = (9.0, 12.0, 15.0)  # nominal px
 _WIDTH_FRACTIONS = (0.42, 0.5)  # line width / pitch
 # spawn_key[0] per group: fixed codes, so adding a defect type or changing a count moves no other image
 _GROUP_CODE = {"train": 0, "val": 1, "test/good": 2} | {f"test/{d}": 3 + i for i, d in enumerate(SEM_DEFECTS)}
 
 Array = np.ndarray
 Overlay = Callable[[Array], Array]
+
+
+@dataclass(frozen=True)
+class SemLayout:
+    """How much the design varies between normal images.
+
+    The default is one product layer as a fab inspects it: one pitch, one orientation, a via array
+    on every image. Widening it (several pitches, optional vias and pads, both orientations) makes
+    structural defects ambiguous for local methods — a bridge resembles a pad edge, a missing via a
+    via-free image — which turns the task into a harder, partly logical one.
+    """
+
+    pitches: tuple[float, ...] = (12.0,)  # nominal px at 128 px
+    via_fraction: float = 1.0  # share of images with a via array
+    pad_fraction: float = 0.0  # share of images with a pad
+    horizontal_fraction: float = 0.0  # share of images with horizontal lines
+
+    @classmethod
+    def from_params(cls, p: SyntheticSemParams) -> SemLayout:
+        return cls(tuple(p.pitches), p.via_fraction, p.pad_fraction, p.horizontal_fraction)
 
 
 class _Retry(Exception):
@@ -131,12 +150,12 @@ def _shading(rng: np.random.Generator, size: int) -> Array:
     return (1.0 + gy * t[:, None] + gx * t[None, :] + bumps).astype(np.float32)
 
 
-def _draw_layout(rng: np.random.Generator, size: int, ss: int) -> _Layout:
+def _draw_layout(rng: np.random.Generator, size: int, ss: int, design: SemLayout) -> _Layout:
     """Lines (+ optional pad and via array) at R = size·ss, and the imaging conditions of one image."""
     R = size * ss
     k = R / 128.0
-    # a metal layer routes on a few design-rule pitches; CD (width) varies a little around its target
-    pitch = float(rng.choice(_PITCHES)) * k
+    # a metal layer routes on design-rule pitches; CD (width) varies a little around its target
+    pitch = float(design.pitches[int(rng.integers(len(design.pitches)))]) * k
     width = pitch * float(rng.choice(_WIDTH_FRACTIONS)) * rng.uniform(0.96, 1.04)
     phase = rng.uniform(0, pitch)
     starts = phase + pitch * np.arange(-1, int(R / pitch) + 2)
@@ -147,7 +166,7 @@ def _draw_layout(rng: np.random.Generator, size: int, ss: int) -> _Layout:
         metal[:, max(a, 0) : max(b, 0)] = 1.0
 
     pad = np.zeros((R, R), bool)
-    if rng.random() < 0.25:  # a bond/probe pad over a few lines, partly off-image
+    if rng.random() < design.pad_fraction:  # a bond/probe pad over a few lines, partly off-image
         ph, pw = rng.uniform(24, 44, 2) * k
         cy, cx = rng.uniform(0, R, 2)
         ys = slice(max(int(cy - ph / 2), 0), max(int(cy + ph / 2), 0))
@@ -157,7 +176,7 @@ def _draw_layout(rng: np.random.Generator, size: int, ss: int) -> _Layout:
 
     vias = np.zeros((R, R), np.float32)
     via_boxes: list[tuple[int, int, int, int]] = []
-    if rng.random() < 0.7:  # a regular via array on every line, staggered between neighbours
+    if rng.random() < design.via_fraction:  # a regular via array on every line, staggered between neighbours
         side = float(np.clip(0.75 * width, 3.0 * k, width - 1.0 * k))
         stamp = _disc(side / 2)  # square in the layout, rounded by lithography and the beam
         along = 2.0 * pitch
@@ -181,7 +200,7 @@ def _draw_layout(rng: np.random.Generator, size: int, ss: int) -> _Layout:
         width=width, pitch=pitch, bg=bg, metal_level=metal_level,
         via_level=metal_level + rng.uniform(0.17, 0.22), edge_gain=rng.uniform(0.24, 0.3),
         edge_sigma=rng.uniform(0.8, 1.1) * k, blur=rng.uniform(0.6, 0.8) * k,
-        transpose=bool(rng.random() < 0.5), shade=_shading(rng, size), offset=rng.uniform(-0.02, 0.02),
+        transpose=bool(rng.random() < design.horizontal_fraction), shade=_shading(rng, size), offset=rng.uniform(-0.02, 0.02),
         noise_sigma=rng.uniform(0.035, 0.045), scan_sigma=rng.uniform(0.0, 0.006),
     )
 
@@ -358,6 +377,7 @@ def render_sample(
     defect: str | None = None,
     supersample: int = 2,
     defect_scale: float = 1.0,
+    design: SemLayout = SemLayout(),
 ) -> tuple[Array, Array]:
     """Render one image: (image (S, S) uint8, mask (S, S) uint8 in {0, 255}; all-zero for defect None).
 
@@ -371,7 +391,7 @@ def render_sample(
             f"need size ≥ 16, supersample ≥ 1, defect_scale > 0; got {size}, {supersample}, {defect_scale}"
         )
     rl, rd, rn = _streams(seed)
-    lay = _draw_layout(rl, size, supersample)
+    lay = _draw_layout(rl, size, supersample, design)
     clean = _finish(lay, _intensity(lay))
     img, mask = clean, np.zeros((size, size), bool)
     if defect is not None:
@@ -412,12 +432,13 @@ def generate_synthetic_sem(out_dir: Path, params: SyntheticSemParams, seed: int)
     plan += [(f"test/{d}", f"test/{d}", params.n_test_per_defect) for d in params.defect_types]
     jobs = [(group, folder, i) for group, folder, n in plan for i in range(n)]
     digits = max(3, len(str(max(n for *_, n in plan) - 1)))
+    design = SemLayout.from_params(params)
     with atomic_dir(Path(out_dir)) as root:
         for group, folder, i in tqdm(jobs, desc="synthetic_sem", unit="img", disable=None):
             defect = group.split("/", 1)[1] if group.startswith("test/") else None
             defect = None if defect == "good" else defect
             img, mask = render_sample(
-                image_seed(seed, group, i), params.image_size, defect, params.supersample, params.defect_scale
+                image_seed(seed, group, i), params.image_size, defect, params.supersample, params.defect_scale, design
             )
             stem = f"{i:0{digits}d}"
             _save_png(root / folder / f"{stem}.png", img)

@@ -54,7 +54,12 @@ def collect(cells: list[Cell], scores_dir: Path) -> tuple[pd.DataFrame, pd.DataF
             notes.append(f"center-crop {m['center_crop']}")
         reasons = sorted(set((m.get("na_reasons") or {}).values()))
         notes.extend(f"n/a: {r}" for r in reasons)
-        quality.append({**key, **{k: m.get(k) for k in QUALITY}, "image_size": m.get("image_size"), "notes": "; ".join(notes)})
+        stds = {f"{k}_std": m.get(f"{k}_std") for k in QUALITY}
+        seeds = m.get("seeds") or [None]
+        quality.append(
+            {**key, **{k: m.get(k) for k in QUALITY}, **stds, "n_seeds": len(seeds), "image_size": m.get("image_size"),
+             "notes": "; ".join(notes)}
+        )
         costs.append({**key, **{k: c.get(k) for k in COSTS}, "device": c.get("device")})
     order = ["dataset", "model", "backbone"]
     q = pd.DataFrame(quality).sort_values(order, kind="stable").reset_index(drop=True)
@@ -104,11 +109,15 @@ def markdown_table(df: pd.DataFrame, digits: int = 3) -> str:
 def write_leaderboard(quality: pd.DataFrame, costs: pd.DataFrame, metrics_dir: Path) -> None:
     """metrics/leaderboard.{csv,md}, metrics/summary.json (deterministic) and metrics/costs.json (measured)."""
     metrics_dir = Path(metrics_dir)
-    write_text(metrics_dir / "leaderboard.csv", quality.to_csv(index=False, float_format="%.6f", lineterminator="\n"))
+    # std columns only when some cell ran several seeds: single-seed tables stay narrow
+    multi = bool((quality["n_seeds"] > 1).any())
+    table = quality if multi else quality.drop(columns=[f"{k}_std" for k in QUALITY])
+    write_text(metrics_dir / "leaderboard.csv", table.to_csv(index=False, float_format="%.6f", lineterminator="\n"))
     summary: dict[str, Any] = {}
+    keys = [*QUALITY, *(f"{k}_std" for k in QUALITY)] if multi else list(QUALITY)
     for _, r in quality.iterrows():
         cell = summary.setdefault(r["dataset"], {}).setdefault(r["model"], {})
-        cell[r["backbone"]] = {k: (None if _missing(r[k]) else round(float(r[k]), 6)) for k in QUALITY}
+        cell[r["backbone"]] = {k: (None if _missing(r[k]) else round(float(r[k]), 6)) for k in keys}
     write_json(metrics_dir / "summary.json", summary)
     cost_summary: dict[str, Any] = {}
     for _, r in costs.iterrows():
@@ -128,7 +137,9 @@ def render_markdown(quality: pd.DataFrame, costs: pd.DataFrame) -> str:
     for dataset, q in quality.groupby("dataset", sort=True):
         parts.append(f"\n## {dataset}\n")
         ranked = q.sort_values(["image_auroc", "model", "backbone"], ascending=[False, True, True], kind="stable")
-        shown = ranked[["model", "backbone", "init", *QUALITY, "notes"]]
+        shown = ranked[["model", "backbone", "init", *QUALITY, "n_seeds", "notes"]].astype(object)
+        for k in QUALITY:  # mean ± std over seeds where there are several
+            shown[k] = [_fmt(v) if _missing(sd) else f"{_fmt(v)} ± {_fmt(sd)}" for v, sd in zip(ranked[k], ranked[f"{k}_std"])]
         parts.append(markdown_table(shown))
         parts.append("\n### Image AUROC / pixel AUROC (model × backbone)\n")
         pivot = q.pivot(index="model", columns="backbone", values="image_auroc")

@@ -1,0 +1,124 @@
+"""PaDiM (Defard et al., ICPR 2020, "a Patch Distribution Modeling Framework").
+
+fit: layer1..layer3 maps, deeper ones resized (nearest, as the reference code) to layer1's grid and
+concatenated; a fixed random subset of `n_features` channels is kept; every grid position gets its
+own Gaussian (mean, covariance + ε·I) over the training images. predict: Mahalanobis distance of
+each position's vector to its Gaussian, upsampled to the image, Gaussian-smoothed (σ=4); image
+score = map maximum.
+
+Memory: the model stores (h·w, d, d) inverse covariances; d=100 on a 128² image (32×32 grid)
+is 41 MB in float32. Covariance sums accumulate in float64 so the one-pass formula stays exact.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+import torch
+from pydantic import Field
+
+from vadbench.backbones import FeatureExtractor
+from vadbench.models.base import AnomalyModel, register_model
+from vadbench.models.components.patch_features import concat_layers, module_device, select_layers
+from vadbench.models.components.smoothing import upsample_and_smooth
+from vadbench.schema import StrictModel
+
+
+@register_model
+class PaDiM(AnomalyModel):
+    name = "padim"
+
+    class Params(StrictModel):
+        layers: list[str] = Field(["layer1", "layer2", "layer3"], min_length=1, description="first sets the grid")
+        n_features: int = Field(100, ge=1, description="random channel subset size d (≤ total channels)")
+        epsilon: float = Field(0.01, gt=0, description="covariance regularisation ε·I")
+        sigma: float = Field(4.0, ge=0, description="Gaussian smoothing of the map, in input pixels (0 = none)")
+        batch_size: int = Field(16, ge=1)
+        seed: int = Field(0, ge=0)
+
+    def __init__(self, backbone: FeatureExtractor, **params: Any) -> None:
+        p = self.Params.model_validate_json(json.dumps(params))
+        super().__init__(**p.model_dump(mode="json"))
+        self.p = p
+        self.backbone = backbone
+        # sizes known only after fit: (d,) channel indices, (d, h, w) means, (h·w, d, d) inverse covariances
+        self.register_buffer("channel_idx", torch.empty(0, dtype=torch.int64))
+        self.register_buffer("mean", torch.empty(0, 0, 0))
+        self.register_buffer("inv_covariance", torch.empty(0, 0, 0))
+
+    def _embed(self, images: torch.Tensor) -> torch.Tensor:
+        """images (B, C, H, W) → (B, d, h, w): concatenated layers, kept channels only."""
+        x = images.to(module_device(self.backbone), torch.float32)
+        emb = concat_layers(select_layers(self.backbone, x, self.p.layers), mode="nearest")
+        return emb.index_select(1, self.channel_idx.to(emb.device))
+
+    @torch.no_grad()
+    def fit(self, train: torch.Tensor, val: torch.Tensor | None = None) -> dict[str, Any]:
+        """Per-position Gaussians from normal `train` images (N, C, H, W), N ≥ 2; `val` is not needed."""
+        if train.ndim != 4 or train.shape[0] < 2:
+            raise ValueError(f"train must be (N, C, H, W) with N ≥ 2 (a covariance), got {tuple(train.shape)}")
+        t0 = time.perf_counter()
+        device = module_device(self.backbone)
+        total = sum(self._layer_channels())
+        if self.p.n_features > total:
+            raise ValueError(f"models.padim.n_features={self.p.n_features} exceeds the {total} channels of {self.p.layers}")
+        gen = torch.Generator().manual_seed(self.p.seed)
+        self.channel_idx = torch.randperm(total, generator=gen)[: self.p.n_features].sort().values.to(device)
+
+        n = train.shape[0]
+        s1 = s2 = None  # Σx (P, d) and Σxxᵀ (P, d, d), float64
+        for start in range(0, n, self.p.batch_size):
+            emb = self._embed(train[start : start + self.p.batch_size])  # (B, d, h, w)
+            b, d, h, w = emb.shape
+            x = emb.permute(2, 3, 0, 1).reshape(h * w, b, d).double()  # (P, B, d)
+            if s1 is None:
+                s1 = torch.zeros(h * w, d, dtype=torch.float64, device=device)
+                s2 = torch.zeros(h * w, d, d, dtype=torch.float64, device=device)
+            s1 += x.sum(dim=1)
+            s2 += x.transpose(1, 2) @ x
+        assert s1 is not None and s2 is not None
+        mean = s1 / n  # (P, d)
+        cov = (s2 - n * mean[:, :, None] * mean[:, None, :]) / (n - 1)
+        cov += self.p.epsilon * torch.eye(d, dtype=torch.float64, device=device)
+        self.mean = mean.T.reshape(d, h, w).float().contiguous()
+        self.inv_covariance = torch.linalg.inv(cov).float().contiguous()
+        return {
+            "grid": [int(h), int(w)],
+            "n_features": int(d),
+            "total_channels": int(total),
+            "fit_seconds": round(time.perf_counter() - t0, 3),
+        }
+
+    def _layer_channels(self) -> list[int]:
+        built = list(self.backbone.layers)
+        missing = [name for name in self.p.layers if name not in built]
+        if missing:
+            raise ValueError(f"backbone extractor was built with layers {built}, PaDiM needs {self.p.layers}")
+        return [self.backbone.channels[built.index(name)] for name in self.p.layers]
+
+    def mahalanobis(self, emb: torch.Tensor) -> torch.Tensor:
+        """emb (B, d, h, w) → (B, h, w): sqrt((x − μ)ᵀ Σ⁻¹ (x − μ)) at every position."""
+        b, d, h, w = emb.shape
+        delta = (emb - self.mean).permute(2, 3, 0, 1).reshape(h * w, b, d)  # (P, B, d)
+        quad = ((delta @ self.inv_covariance) * delta).sum(dim=-1)  # (P, B)
+        return quad.clamp_min(0).sqrt().T.reshape(b, h, w)
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """images (N, C, H, W) in [0, 1] → (scores (N,), maps (N, H, W)), float32 on CPU."""
+        if self.inv_covariance.numel() == 0:
+            raise RuntimeError("PaDiM is not fitted: call fit() or load_model() first")
+        device = module_device(self.backbone)
+        self.mean, self.inv_covariance = self.mean.to(device), self.inv_covariance.to(device)
+        scores, maps = [], []
+        for start in range(0, images.shape[0], self.p.batch_size):
+            batch = images[start : start + self.p.batch_size]
+            emb = self._embed(batch)
+            if emb.shape[1:] != self.mean.shape:
+                raise ValueError(f"embedding {tuple(emb.shape[1:])} ≠ fitted {tuple(self.mean.shape)}: other image size?")
+            m = upsample_and_smooth(self.mahalanobis(emb), tuple(batch.shape[-2:]), self.p.sigma)
+            maps.append(m.float().cpu())
+            scores.append(m.flatten(1).amax(dim=1).float().cpu())
+        return torch.cat(scores), torch.cat(maps)
