@@ -4,19 +4,17 @@ Every backbone named in `run.backbones` becomes data/backbones/<name>/{weights.s
 the whole folder is replaced in one rename, so a failure leaves the previous one intact.
 """
 
-from __future__ import annotations
-
 from pathlib import Path
 
 from tqdm import tqdm
 
 from vadbench.backbones import materialize_backbone
-from vadbench.config import load_params
+from vadbench.cli import stage_main
+from vadbench.config import Params
 from vadbench.io import atomic_dir
 
 
-def main() -> None:
-    params = load_params()
+def run(params: Params) -> None:
     with atomic_dir(Path("data/backbones")) as tmp:
         for name in tqdm(params.run.backbones, desc="backbones"):
             spec = params.backbones[name]
@@ -28,4 +26,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    stage_main(run)

@@ -1,19 +1,17 @@
-"""DVC stage `fractals`: params.yaml `seed` + `fractals:` → data/fractals + reports/fractals_preview.png."""
-
-from __future__ import annotations
+"""DVC stage `fractals`: params `seed` + `fractals:` → data/fractals + reports/fractals_preview.png."""
 
 from pathlib import Path
 
-from vadbench.config import load_params
+from vadbench.cli import stage_main
+from vadbench.config import Params
 from vadbench.fractals import generate, write_preview
 
 
-def main() -> None:
-    params = load_params()
+def run(params: Params) -> None:
     out = Path("data/fractals")
     generate(out, params.fractals, params.seed)
     write_preview(out, Path("reports/fractals_preview.png"))
 
 
 if __name__ == "__main__":
-    main()
+    stage_main(run)

@@ -5,32 +5,33 @@ start `torchrun --nnodes ... stages/pretrain.py` on every node yourself (docs/PR
 torchrun the stage never relaunches. Interrupted runs resume from data/.pretrain-work/<run key>/last.pt.
 """
 
-from __future__ import annotations
-
-import os
 import subprocess
-import sys
 from pathlib import Path
 
-# Before torch loads libgomp: idle OpenMP threads sleep instead of spinning. On this shared 2-core
-# machine spinning made 2 threads ~8x slower than 1 (benchmarks/results/pretrain.md).
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-from vadbench.config import load_params
+from vadbench.cli import stage_main
+from vadbench.config import Params
 from vadbench.pretrain.dist import torchrun_command, under_torchrun
 from vadbench.pretrain.stage import run_pretrain
 
 
-def main() -> int:
-    params = load_params()
+def run(params: Params) -> None:
     p = params.pretrain
     if p.nproc_per_node > 1 and not under_torchrun():
-        return subprocess.run(torchrun_command(p.nproc_per_node, [str(Path(__file__).resolve())]), check=False).returncode
-    run_pretrain(Path("data/fractals"), Path("data/pretrain"), Path("metrics/pretrain.json"),
-                 Path("metrics/pretrain_log.csv"), Path("data/.pretrain-work"), p, seed=params.seed,
-                 device=params.device)
-    return 0
+        rc = subprocess.run(torchrun_command(p.nproc_per_node, [str(Path(__file__).resolve())]), check=False).returncode
+        if rc:
+            raise SystemExit(rc)
+        return
+    run_pretrain(
+        Path("data/fractals"),
+        Path("data/pretrain"),
+        Path("metrics/pretrain.json"),
+        Path("metrics/pretrain_log.csv"),
+        Path("data/.pretrain-work"),
+        p,
+        seed=params.seed,
+        device=params.device,
+    )
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    stage_main(run)

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")  # timm must never reach for the network in tests
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # must be set before torch loads OpenMP
+import vadbench  # noqa: E402,F401  (sets HF_HUB_OFFLINE and OMP_WAIT_POLICY before torch loads)
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
-torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
 def _line_image(rng: np.random.Generator, size: int) -> np.ndarray:

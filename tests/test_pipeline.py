@@ -26,9 +26,9 @@ pytestmark = pytest.mark.slow
 
 def tiny_params() -> dict:
     p = yaml.safe_load((ROOT / "params.yaml").read_text())
-    p["run"] = {"datasets": ["synthetic_sem"], "models": ["patchcore", "padim"], "backbones": ["random", "fractal"]}
+    p["run"] = {"datasets": ["synthetic_sem"], "models": ["patchcore", "padim"], "backbones": ["random", "fractal"], "seeds": [0]}
     p["fractals"].update(num_classes=4, instances_per_class=8, image_size=32, points=2000, pad=1, workers=1)
-    p["pretrain"].update(epochs=1, batch_size=16)
+    p["pretrain"].update(epochs=1, batch_size=16, milestones=[], warmup_epochs=0)
     p["datasets"]["synthetic_sem"].update(image_size=64, n_train=12, n_val=4, n_test_normal=6, n_test_per_defect=2)
     p["score"].update(latency_repeats=2, latency_warmup=1)
     return p
