@@ -1,0 +1,135 @@
+"""PANDA (Reiss et al., CVPR 2021): fine-tune a pretrained backbone to make normal features compact.
+
+A copy of the backbone (`encoder.`) is fine-tuned on normal images with the compactness loss
+‖f(x) − c‖², where f is the global-average-pooled feature of `layers` and c the mean feature of
+the train images before fine-tuning. Collapse guard: the Fisher-diagonal EWC term of the paper
+needs the source-task data, which a benchmark backbone does not come with, so this
+implementation uses (a) PANDA's own "early stopping" variant guards — small learning rate, few
+epochs, gradient-norm clipping, BatchNorm statistics frozen, the earliest layers frozen — plus
+(b) an L2-SP penalty `l2sp_weight · Σ‖θ − θ₀‖²` toward the pretrained weights (Li et al. 2018).
+Anomaly score: mean Euclidean distance to the k = 2 nearest train features (kNN).
+Image-level method: the "map" is the score broadcast over the image (`has_pixel_maps = False`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from vadbench.backbones import FeatureExtractor
+from vadbench.models.base import AnomalyModel, register_model
+from vadbench.models.components.backbone_finetune import (
+    l2sp_penalty,
+    pooled_features,
+    set_finetune_mode,
+    snapshot,
+    trainable_copy,
+)
+from vadbench.models.components.epoch_loop import fit_epochs, minibatches
+from vadbench.schema import StrictModel
+
+
+@register_model
+class Panda(AnomalyModel):
+    """PANDA: compactness fine-tuning + kNN scoring (image level)."""
+
+    name = "panda"
+    #: no pixel localisation in the paper: maps are the image score broadcast
+    has_pixel_maps: ClassVar[bool] = False
+
+    class Params(StrictModel):
+        """Defaults sized for 2 CPU cores. Paper: ResNet-152 (ImageNet), 224×224, SGD lr 1e-2,
+        weight decay 5e-5, batch 32, 15 epochs, grad clip 1e-3, EWC (λ 5e4) or early stopping, k = 2."""
+
+        layers: list[str] = Field(
+            ["layer2", "layer3", "layer4"], min_length=1, description="pooled, concatenated layers (paper: final only)"
+        )
+        trainable: list[str] = Field(["layer3", "layer4"], description="modules fine-tuned; PANDA freezes conv1…layer2")
+        epochs: int = Field(10, ge=0, le=1000, description="0 = no fine-tuning (plain kNN on pretrained features, DN2)")
+        batch_size: int = Field(16, ge=1, le=4096)
+        lr: float = Field(1e-2, gt=0, le=10)
+        weight_decay: float = Field(5e-5, ge=0, le=1)
+        grad_clip: float = Field(1.0, gt=0, description="max gradient norm per step (paper 1e-3: too slow for CPU budgets)")
+        l2sp_weight: float = Field(1e-2, ge=0, description="weight of Σ‖θ − θ₀‖² (stand-in for EWC)")
+        patience: int = Field(0, ge=0, description="stop after this many epochs without val-loss gain; 0 = never")
+        k: int = Field(2, ge=1, le=100, description="neighbours in the kNN score")
+        seed: int = Field(0, ge=0, description="seeds the batch order")
+
+    def __init__(self, backbone: FeatureExtractor, **params: Any) -> None:
+        p = self.Params(**params)
+        super().__init__(**p.model_dump(mode="json"))
+        self.p = p
+        self.backbone = backbone  # frozen original (normalisation + not saved)
+        self.encoder = trainable_copy(backbone, p.trainable)  # fine-tuned copy (saved)
+        self.register_buffer("center", torch.empty(0))
+        self.register_buffer("train_features", torch.empty(0, 0))
+
+    @property
+    def device(self) -> torch.device:
+        return self.backbone.mean.device
+
+    def features(self, images: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
+        """images (N, C, H, W) in [0, 1] → pooled encoder features (N, D) on the model device, no grad."""
+        if images.ndim != 4:
+            raise ValueError(f"panda: expected images (N, C, H, W), got shape {tuple(images.shape)}")
+        set_finetune_mode(self.encoder, self.p.trainable, train=False)
+        with torch.no_grad():
+            return torch.cat(
+                [
+                    pooled_features(self.encoder, self.backbone.normalize(images[i].to(self.device)))
+                    for i in minibatches(len(images), batch_size)
+                ]
+            )
+
+    def fit(self, train: torch.Tensor, val: torch.Tensor | None = None) -> dict[str, Any]:
+        """Fine-tune on normals (N, C, H, W); early stopping (if `patience`) on the val compactness loss."""
+        p = self.p
+        if len(train) < p.k:
+            raise ValueError(f"panda: need at least k={p.k} train images, got {len(train)}")
+        gen = torch.Generator().manual_seed(p.seed)
+        center = self.features(train).mean(0)
+        self.center = center
+        anchor = snapshot(self.encoder)
+        params = [q for q in self.encoder.parameters() if q.requires_grad]
+        report: dict[str, Any] = {"epochs_run": 0}
+        if p.epochs and params:
+            opt = torch.optim.SGD(params, lr=p.lr, weight_decay=p.weight_decay)
+
+            def train_epoch(_: int) -> float:
+                # BatchNorm stays in eval mode, as in PANDA: only weights move, statistics do not
+                set_finetune_mode(self.encoder, p.trainable, train=False)
+                total = 0.0
+                for idx in minibatches(len(train), p.batch_size, gen):
+                    x = self.backbone.normalize(train[idx].to(self.device))
+                    compact = ((pooled_features(self.encoder, x) - center) ** 2).sum(1).mean()
+                    loss = compact + p.l2sp_weight * l2sp_penalty(self.encoder, anchor)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    nn.utils.clip_grad_norm_(params, p.grad_clip)
+                    opt.step()
+                    total += float(compact.detach()) * len(idx)
+                return total / len(train)
+
+            def val_loss() -> float:
+                return float(((self.features(val) - center) ** 2).sum(1).mean())
+
+            has_val = val is not None and len(val) > 0
+            report = fit_epochs(self.encoder, train_epoch, val_loss if has_val else None, p.epochs, p.patience, "panda")
+        self.train_features = self.features(train)
+        self.eval()
+        return report
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """images (N, C, H, W) → (kNN scores (N,), score broadcast to maps (N, H, W)), float32 CPU."""
+        if self.train_features.numel() == 0:
+            raise RuntimeError("panda: predict called before fit (no train features)")
+        feats = self.features(images)
+        k = min(self.p.k, len(self.train_features))
+        dist = torch.cdist(feats, self.train_features.to(feats.device))
+        scores = dist.topk(k, dim=1, largest=False).values.mean(1).float().cpu()
+        maps = scores.view(-1, 1, 1).expand(-1, *images.shape[-2:]).contiguous()
+        return scores, maps

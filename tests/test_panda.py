@@ -1,0 +1,104 @@
+"""PANDA: compactness fine-tuning of a backbone copy + kNN score, on toy defects with a random backbone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_toy_defect_data
+from sklearn.metrics import roc_auc_score
+
+from vadbench.backbones import load_feature_extractor
+from vadbench.models import create_model, load_model
+
+NAME = "panda"
+LAYERS = ["layer1", "layer2"]
+SMALL = dict(layers=LAYERS, trainable=["layer2"], epochs=2, batch_size=16, seed=0)
+
+
+@pytest.fixture(scope="module")
+def data():
+    # 48 train images cover the 8 line phases several times, so kNN compares like with like
+    train, test, labels, masks = make_toy_defect_data(n_train=48, n_test=32)
+    val = make_toy_defect_data(n_train=8, seed=1)[0]
+    return train, val, test, labels
+
+
+@pytest.fixture(scope="module")
+def extractor(random_backbone_dir):
+    return load_feature_extractor(random_backbone_dir, LAYERS)
+
+
+def _compactness(model, images, center):
+    return float(((model.features(images) - center) ** 2).sum(1).mean())
+
+
+@pytest.fixture(scope="module")
+def fitted(extractor, data):
+    train, val, _, _ = data
+    model = create_model(NAME, backbone=extractor, **SMALL)
+    center0 = model.features(train).mean(0)
+    before = _compactness(model, val, center0)
+    report = model.fit(train, val)
+    return model, report, before
+
+
+def test_fine_tuning_compacts_normals_and_detects_defects(fitted, data, extractor):
+    model, report, before = fitted
+    _, val, test, labels = data
+    assert report["epochs_run"] == SMALL["epochs"]
+    # the objective improves on held-out normals (beats the not fine-tuned state)
+    assert _compactness(model, val, model.center) < before
+    # the fine-tuned copy moved; the frozen original did not
+    tuned = dict(model.encoder.named_parameters())
+    moved = [n for n, p in extractor.net.named_parameters() if not torch.equal(p, tuned[n])]
+    assert moved and all(n.startswith("layer2") for n in moved)
+    scores, maps = model.predict(test)
+    assert roc_auc_score(labels, scores.numpy()) >= 0.8
+
+
+def test_outputs_are_image_level(fitted, data):
+    model = fitted[0]
+    test = data[2][:5]
+    scores, maps = model.predict(test)
+    assert scores.shape == (5,) and maps.shape == (5, 64, 64)
+    assert scores.dtype == maps.dtype == torch.float32 and scores.device.type == "cpu"
+    assert torch.equal(maps, scores.view(-1, 1, 1).expand_as(maps))
+    assert type(model).has_pixel_maps is False
+    # RGB input with equal channels is the same image to the backbone
+    assert torch.allclose(model.predict(test.expand(-1, 3, -1, -1))[0], scores)
+
+
+def test_state_holds_the_fine_tuned_copy(fitted):
+    keys = fitted[0].learned_state().keys()
+    assert any(k.startswith("encoder.") for k in keys) and "train_features" in keys
+    assert not any(k.startswith("backbone.") for k in keys)
+
+
+def test_save_load_roundtrip(fitted, data, random_backbone_dir, tmp_path):
+    model, test = fitted[0], data[2]
+    model.save(tmp_path / "m.pt")
+    loaded = load_model(tmp_path / "m.pt", backbone=load_feature_extractor(random_backbone_dir, LAYERS))
+    for a, b in zip(model.predict(test), loaded.predict(test)):
+        assert torch.equal(a, b)
+
+
+def test_same_seed_same_predictions(extractor, data):
+    train, val, test, _ = data
+    runs = []
+    for _ in range(2):
+        model = create_model(NAME, backbone=extractor, **{**SMALL, "epochs": 1})
+        model.fit(train[:16], val)
+        runs.append(model.predict(test[:4])[0])
+    assert torch.equal(runs[0], runs[1])
+
+
+def test_predict_before_fit_and_bad_params(extractor):
+    with pytest.raises(RuntimeError, match="before fit"):
+        create_model(NAME, backbone=extractor, **SMALL).predict(torch.rand(1, 1, 32, 32))
+    for bad in (dict(k=0), dict(lr=-1.0), dict(grad_clip=0.0), dict(layers=[]), dict(extra=1)):
+        with pytest.raises(ValueError):
+            create_model(NAME, backbone=extractor, **{**SMALL, **bad})
+    with pytest.raises(ValueError, match="trainable modules"):
+        create_model(NAME, backbone=extractor, **{**SMALL, "trainable": ["layer9"]})
+    with pytest.raises(ValueError, match="needs a backbone"):
+        create_model(NAME, **SMALL)
