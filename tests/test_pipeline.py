@@ -83,6 +83,16 @@ def test_full_chain_then_noop(project):
     assert _ran(_run(["dvc", "repro"], project)) == set()
 
 
+def test_dvc_plots_page_renders_offline(project):
+    """`dvc plots show` on the real outputs renders every curve and image in headless Chromium."""
+    import browser
+
+    report = browser.check_dvc_plots_page(project)
+    n_cells, n_datasets = 4, 1
+    # ROC + PR per cell and the pretrain curve; a gallery per cell, a preview per dataset, 3 overview PNGs
+    assert browser.problems(report, expect_vega=2 * n_cells + 1, expect_images=n_cells + n_datasets + 3) == [], report
+
+
 def test_patchcore_param_reruns_only_patchcore(project):
     _set(project, lambda p: p["models"]["patchcore"].update(num_neighbors=5))
     status = _run(["dvc", "status"], project)

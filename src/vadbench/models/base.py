@@ -33,13 +33,16 @@ class AnomalyModel(nn.Module):
 
     `hparams` must hold every constructor keyword (JSON-serialisable) so `load_model` can rebuild
     the module before loading its state. `needs_backbone` False → the model ignores the backbone
-    (autoencoders trained from pixels).
+    (autoencoders trained from pixels). `seed` (when the Params has one) is set per run seed by the
+    fit stage, never from params.yaml.
     """
 
     name: ClassVar[str] = ""
     #: the typed `models.<name>:` section of params.yaml; constructor keywords = its fields
     Params: ClassVar[type[StrictModel]] = StrictModel
     needs_backbone: ClassVar[bool] = True
+    #: False for image-level methods: their maps are the score broadcast, pixel metrics are "n/a"
+    has_pixel_maps: ClassVar[bool] = True
     #: state-dict prefixes not saved (the frozen backbone is reloaded from its own artifact)
     frozen_prefixes: ClassVar[tuple[str, ...]] = ("backbone.",)
 
