@@ -154,7 +154,7 @@ def _quality(model: AnomalyModel, test: ImageSet, scores, maps, val_scores, sett
     """Image metrics + pixel metrics (or n/a with the reason) of one seed's predictions."""
     image = image_metrics(scores, test.labels, val_scores, settings.threshold_quantile)
     with_gt = test.has_mask
-    if not getattr(model, "has_pixel_maps", True):
+    if not model.has_pixel_maps:
         pixel: dict[str, Any] = _na_pixel("image-level method: no pixel anomaly maps")
     elif not np.any(test.labels[with_gt] == 1):
         pixel = _na_pixel("no pixel ground truth for the anomalous test images")
@@ -252,7 +252,7 @@ def score_cell(
         "device": _device_info(dev),
     }
     roc, pr = roc_points(scores, test.labels), pr_points(scores, test.labels)
-    has_maps = getattr(model, "has_pixel_maps", True)
+    has_maps = model.has_pixel_maps
     with atomic_dir(out_dir) as tmp:
         _write_scores(tmp / SCORES, test, scores)
         _write_curve(tmp / "roc.csv", roc, ("fpr", "tpr"))
