@@ -1,0 +1,220 @@
+"""CFlow-AD (Gudovskiy et al., WACV 2022, "CFLOW-AD: Real-Time Unsupervised Anomaly Detection with
+Localization via Conditional Normalizing Flows").
+
+Every feature vector of every frozen layer (a "fiber") is modelled by a conditional normalizing flow,
+one decoder per layer, conditioned on a 2-D sinusoidal encoding of the vector's position. Decoders are
+chains of affine coupling blocks with fully-connected subnets (`components.flows`) that see the
+condition. Training: random mini-batches of fibers (not images) maximise the per-dimension
+log-likelihood through −log σ(log p / C), as the reference code does.
+Inference: per layer log p / C at every position; normalised by the highest value seen on validation
+normals, exp → likelihood in (0, 1], bilinearly upsampled, summed over layers; map = L − sum (low
+likelihood = anomalous); image score = map maximum. (The reference code normalises by the maximum
+of the test batch itself, which makes a score depend on the other images in its batch.)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import Field, model_validator
+from torch import nn
+
+from vadbench.backbones import FeatureExtractor
+from vadbench.models.base import AnomalyModel, register_model
+from vadbench.models.components.epoch_loop import fit_epochs, minibatches
+from vadbench.models.components.flows import AffineCouplingBlock, SequentialFlow, fc_subnet, gaussian_log_likelihood
+from vadbench.models.components.patch_features import module_device
+from vadbench.models.components.training import (
+    OptimizerStep,
+    autocast,
+    cache_features,
+    check_images,
+    check_teacher_layers,
+    predict_in_batches,
+)
+from vadbench.schema import StrictModel
+
+
+def positional_encoding_2d(channels: int, height: int, width: int) -> torch.Tensor:
+    """(channels, height, width): sin/cos of x in the first half of the channels, of y in the second."""
+    if channels % 4:
+        raise ValueError(f"positional encoding needs channels divisible by 4, got {channels}")
+    half = channels // 2
+    freq = torch.exp(torch.arange(0, half, 2, dtype=torch.float32) * -(math.log(10000.0) / half))  # (half/2,)
+    x = torch.arange(width, dtype=torch.float32)[:, None] * freq  # (W, half/2)
+    y = torch.arange(height, dtype=torch.float32)[:, None] * freq  # (H, half/2)
+    pe = torch.zeros(channels, height, width)
+    pe[0:half:2] = torch.sin(x).T[:, None, :].expand(-1, height, -1)
+    pe[1:half:2] = torch.cos(x).T[:, None, :].expand(-1, height, -1)
+    pe[half::2] = torch.sin(y).T[:, :, None].expand(-1, -1, width)
+    pe[half + 1 :: 2] = torch.cos(y).T[:, :, None].expand(-1, -1, width)
+    return pe
+
+
+@register_model
+class CFlow(AnomalyModel):
+    """CFlow-AD. Learned state: one conditional flow per layer (``decoders.<i>.*``) and the per-layer
+    validation reference log-likelihood (``ref_log_prob``)."""
+
+    name = "cflow"
+
+    class Params(StrictModel):
+        """Defaults are a 2-core CPU budget; the paper: WideResNet-50 layers 2–4, 8 coupling blocks,
+        condition vector 128, subnet hidden 2× input, clamp 1.9, fiber batch 256, Adam lr 2e-4 with
+        warm-up and cosine decay (not done here), 25 meta-epochs × 8 sub-epochs, 256×256 inputs."""
+
+        layers: list[str] = Field(["layer2", "layer3"], min_length=1, description="paper: layer2–4")
+        coupling_blocks: int = Field(4, ge=1, le=32, description="paper: 8")
+        condition_vector: int = Field(64, ge=4, le=1024, description="positional-encoding size (paper: 128)")
+        hidden_ratio: float = Field(2.0, gt=0, le=8, description="subnet hidden / input features (paper: 2)")
+        clamp: float = Field(1.9, gt=0, le=10, description="soft clamp of the log-scales (paper: 1.9)")
+        soft_permutation: bool = Field(True, description="random rotations between blocks (reference code: True)")
+        fiber_batch_size: int = Field(256, ge=2, description="fibers per optimiser step (paper: 256)")
+        epochs: int = Field(20, ge=1, le=10_000, description="maximum passes over all fibers (paper: 200)")
+        batch_size: int = Field(16, ge=1, description="images per feature-extraction batch")
+        lr: float = Field(2e-4, gt=0, le=1)
+        patience: int = Field(3, ge=0, description="stop after this many epochs without val improvement; 0 = never")
+        amp: bool = Field(False, description="fp16 autocast on CUDA for the encoder only (flows stay fp32)")
+        seed: int = Field(0, ge=0)
+
+        @model_validator(mode="after")
+        def _pe_divisible(self) -> CFlow.Params:
+            if self.condition_vector % 4:
+                raise ValueError(f"condition_vector must be divisible by 4, got {self.condition_vector}")
+            return self
+
+    def __init__(self, backbone: FeatureExtractor, **params: Any) -> None:
+        p = self.Params.model_validate_json(json.dumps(params))
+        super().__init__(**p.model_dump(mode="json"))
+        check_teacher_layers(self.name, backbone, p.layers)
+        self.p = p
+        self.backbone = backbone
+        rng = np.random.default_rng(p.seed)  # the fixed permutations / rotations
+        with torch.random.fork_rng(devices=[]):  # seeded init that leaves the global RNG alone
+            torch.manual_seed(p.seed)
+            self.decoders = nn.ModuleList(
+                SequentialFlow(
+                    [
+                        AffineCouplingBlock(
+                            c,
+                            fc_subnet(p.hidden_ratio),
+                            clamp=p.clamp,
+                            cond_channels=p.condition_vector,
+                            soft_permutation=p.soft_permutation,
+                            rng=rng,
+                        )
+                        for _ in range(p.coupling_blocks)
+                    ]
+                )
+                for c in backbone.channels
+            )
+        # per-layer max of log p / C over validation normals: the likelihood normaliser at inference
+        self.register_buffer("ref_log_prob", torch.zeros(len(p.layers)))
+        self.to(module_device(backbone))
+
+    def _features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """images (B, C, H, W) → per layer encoder features (B, c_l, h_l, w_l), fp32."""
+        with autocast(images.device, self.p.amp):
+            return [f.float() for f in self.backbone(images)]
+
+    def _fibers(self, feats: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor, tuple[int, int, int]]]:
+        """per layer (B, c, h, w) → per layer (fibers (B·h·w, c), conditions (B·h·w, P), (B, h, w))."""
+        out = []
+        for f in feats:
+            b, c, h, w = f.shape
+            pe = positional_encoding_2d(self.p.condition_vector, h, w).to(f.device)
+            cond = pe.unsqueeze(0).expand(b, -1, -1, -1).permute(0, 2, 3, 1).reshape(-1, pe.shape[0])
+            out.append((f.permute(0, 2, 3, 1).reshape(-1, c), cond, (b, h, w)))
+        return out
+
+    def _log_prob(self, layer: int, e: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """(n, c), (n, P) → log p / c per fiber (n,): the likelihood per feature dimension."""
+        z, log_det = self.decoders[layer](e, cond)
+        return gaussian_log_likelihood(z, log_det) / e.shape[1]
+
+    def _layer_log_probs(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
+        """per layer features (B, c, h, w) → per layer log p / c maps (B, h, w), computed in fiber chunks."""
+        out = []
+        for layer, (e, cond, shape) in enumerate(self._fibers(feats)):
+            chunks = [
+                self._log_prob(layer, e[i : i + self.p.fiber_batch_size], cond[i : i + self.p.fiber_batch_size])
+                for i in range(0, len(e), self.p.fiber_batch_size)
+            ]
+            out.append(torch.cat(chunks).view(shape))
+        return out
+
+    def loss(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        """Mean over layers and every fiber of −log σ(log p / c) (the validation loss)."""
+        return torch.stack([-F.logsigmoid(lp).mean() for lp in self._layer_log_probs(feats)]).mean()
+
+    def anomaly_maps(self, images: torch.Tensor) -> torch.Tensor:
+        """images (B, C, H, W) → (B, H, W) in [0, L): L − Σ_layers upsampled exp(log p / c − ref)."""
+        size = images.shape[-2:]
+        total = torch.zeros(images.shape[0], *size, device=images.device)
+        for lp, ref in zip(self._layer_log_probs(self._features(images)), self.ref_log_prob):
+            prob = torch.exp((lp - ref).clamp(max=0)).unsqueeze(1)  # ≤ 1: as likely as the likeliest normal
+            total += F.interpolate(prob, size=size, mode="bilinear", align_corners=True)[:, 0]
+        return len(self.decoders) - total
+
+    def fit(self, train: torch.Tensor, val: torch.Tensor | None = None) -> dict[str, Any]:
+        check_images(train, self.name, "train")
+        if val is not None:
+            check_images(val, self.name, "val")
+        p, device = self.p, module_device(self.backbone)
+        self.to(device)
+        gen = torch.Generator().manual_seed(p.seed)
+        optimizer = torch.optim.Adam(self.decoders.parameters(), lr=p.lr)
+        step = OptimizerStep(optimizer, device, amp=False)  # flows train in fp32: the log-det needs it
+        # the encoder is frozen and there is no augmentation: extract features once, not every epoch
+        train_feats = cache_features(self._features, train, p.batch_size, device)
+        val_feats = cache_features(self._features, val, p.batch_size, device) if val is not None else None
+
+        def train_epoch(_: int) -> float:
+            self.decoders.train()
+            total, count = 0.0, 0
+            for idx in minibatches(len(train), p.batch_size, gen):
+                fibers = self._fibers([f[idx].to(device) for f in train_feats])
+                for layer, (e, cond, _) in enumerate(fibers):
+                    # random fiber mini-batches: neighbouring positions of one image never share a step
+                    order = torch.randperm(len(e), generator=gen).to(device)
+                    for start in range(0, len(e), p.fiber_batch_size):
+                        sel = order[start : start + p.fiber_batch_size]
+                        if len(sel) < 2:  # a lone leftover fiber is noise, not signal
+                            continue
+                        total += step(-F.logsigmoid(self._log_prob(layer, e[sel], cond[sel])).mean())
+                        count += 1
+            return total / max(count, 1)
+
+        def val_loss() -> float:
+            self.decoders.eval()
+            total = 0.0
+            with torch.no_grad():
+                for idx in minibatches(len(val), p.batch_size):
+                    total += float(self.loss([f[idx].to(device) for f in val_feats])) * len(idx)
+            return total / len(val)
+
+        report = fit_epochs(self.decoders, train_epoch, val_loss if val is not None else None, p.epochs, p.patience, self.name)
+        self.eval()
+        self._set_reference(val_feats if val_feats is not None else train_feats, device)
+        report["ref_log_prob"] = self.ref_log_prob.tolist()
+        return report
+
+    @torch.no_grad()
+    def _set_reference(self, feats: list[torch.Tensor], device: torch.device) -> None:
+        """ref_log_prob[l] = max over these normals' fibers of layer l's log p / c."""
+        best = torch.full((len(self.decoders),), -torch.inf, device=device)
+        for idx in minibatches(len(feats[0]), self.p.batch_size):
+            lps = self._layer_log_probs([f[idx].to(device) for f in feats])
+            best = torch.maximum(best, torch.stack([lp.max() for lp in lps]))
+        self.ref_log_prob.copy_(best)
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        check_images(images, self.name)
+        self.eval()
+        return predict_in_batches(self.anomaly_maps, images, self.p.batch_size, module_device(self.backbone))

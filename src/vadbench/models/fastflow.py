@@ -1,0 +1,150 @@
+"""FastFlow (Yu et al., 2021, "FastFlow: Unsupervised Anomaly Detection and Localization via 2D Normalizing Flows").
+
+Each frozen feature map (layer1–3 of a ResNet) is layer-normalised and mapped by its own 2-D
+normalizing flow to a standard normal latent z of the same shape. The flows are chains of affine
+coupling blocks whose subnets are convolutions, alternating 3×3 and 1×1 kernels (the paper's
+ResNet setting), with soft-clamped scales and channel permutations (`components.flows`).
+Training maximises the likelihood: loss = Σ_levels mean_batch(½‖z‖² − log|det J|).
+Anomaly map (as anomalib defines it): per level −exp(−½·mean_channels z²), i.e. minus the per-position
+likelihood, bilinearly upsampled to the input and averaged over levels; image score = map maximum.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from vadbench.backbones import FeatureExtractor
+from vadbench.models.base import AnomalyModel, register_model
+from vadbench.models.components.epoch_loop import fit_epochs, minibatches
+from vadbench.models.components.flows import AffineCouplingBlock, SequentialFlow, conv_subnet
+from vadbench.models.components.patch_features import module_device
+from vadbench.models.components.training import (
+    OptimizerStep,
+    autocast,
+    cache_features,
+    check_images,
+    check_teacher_layers,
+    predict_in_batches,
+)
+from vadbench.schema import StrictModel
+
+
+@register_model
+class FastFlow(AnomalyModel):
+    """FastFlow. Learned state: one flow per level (``flows.<i>.*``)."""
+
+    name = "fastflow"
+
+    class Params(StrictModel):
+        """Defaults are a 2-core CPU budget; the paper (ResNet-18): 8 flow steps, hidden ratio 1.0,
+        3×3/1×1 alternating subnets, clamp 2.0, Adam lr 1e-3 wd 1e-5, batch 32, 500 epochs, 256×256.
+        The features' LayerNorm has no learned element-wise affine here (the paper's LayerNorm over
+        [C, H, W] has one, which would tie the model to one input size); the flows' per-channel global
+        affine takes its place."""
+
+        layers: list[str] = Field(["layer1", "layer2", "layer3"], min_length=1)
+        flow_steps: int = Field(4, ge=1, le=32, description="coupling blocks per level (paper: 8)")
+        hidden_ratio: float = Field(1.0, gt=0, le=8, description="subnet hidden channels / input channels")
+        conv3x3_only: bool = Field(False, description="all subnets 3×3 (paper: alternate 3×3 and 1×1 for ResNets)")
+        clamp: float = Field(2.0, gt=0, le=10, description="soft clamp of the log-scales")
+        epochs: int = Field(40, ge=1, le=10_000, description="maximum epochs (paper: 500)")
+        batch_size: int = Field(16, ge=1)
+        lr: float = Field(1e-3, gt=0, le=1)
+        weight_decay: float = Field(1e-5, ge=0)
+        patience: int = Field(5, ge=0, description="stop after this many epochs without val improvement; 0 = never")
+        amp: bool = Field(False, description="fp16 autocast on CUDA for the teacher only (flows stay fp32)")
+        seed: int = Field(0, ge=0)
+
+    def __init__(self, backbone: FeatureExtractor, **params: Any) -> None:
+        p = self.Params.model_validate_json(json.dumps(params))
+        super().__init__(**p.model_dump(mode="json"))
+        check_teacher_layers(self.name, backbone, p.layers)
+        self.p = p
+        self.backbone = backbone
+        rng = np.random.default_rng(p.seed)  # the fixed channel permutations
+        with torch.random.fork_rng(devices=[]):  # seeded init that leaves the global RNG alone
+            torch.manual_seed(p.seed)
+            self.flows = nn.ModuleList(
+                SequentialFlow(
+                    [
+                        AffineCouplingBlock(
+                            c,
+                            conv_subnet(3 if (i % 2 == 0 or p.conv3x3_only) else 1, p.hidden_ratio),
+                            clamp=p.clamp,
+                            rng=rng,
+                        )
+                        for i in range(p.flow_steps)
+                    ]
+                )
+                for c in backbone.channels
+            )
+        self.to(module_device(backbone))
+
+    def _features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """images (B, C, H, W) → per level layer-normalised features (B, c_l, h_l, w_l), fp32."""
+        with autocast(images.device, self.p.amp):
+            feats = self.backbone(images)
+        # per-sample normalisation over (C, H, W), as the paper does for ResNet features
+        return [F.layer_norm(f.float(), f.shape[1:]) for f in feats]
+
+    def _latents(self, feats: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """per level features → per level (z (B, c_l, h_l, w_l), log|det J| (B,))."""
+        return [flow(f) for f, flow in zip(feats, self.flows)]
+
+    def nll(self, feats: list[torch.Tensor]) -> torch.Tensor:
+        """Σ_levels mean over the batch of ½‖z‖² − log|det J| (negative log-likelihood up to a constant)."""
+        return sum((0.5 * z.pow(2).flatten(1).sum(1) - log_det).mean() for z, log_det in self._latents(feats))
+
+    def anomaly_maps(self, images: torch.Tensor) -> torch.Tensor:
+        """images (B, C, H, W) → (B, H, W) in [−1, 0]: mean over levels of upsampled −exp(−½·mean_c z²)."""
+        size = images.shape[-2:]
+        maps = []
+        for z, _ in self._latents(self._features(images)):
+            prob = torch.exp(-0.5 * z.pow(2).mean(1, keepdim=True))
+            maps.append(F.interpolate(-prob, size=size, mode="bilinear", align_corners=False)[:, 0])
+        return torch.stack(maps).mean(0)
+
+    def fit(self, train: torch.Tensor, val: torch.Tensor | None = None) -> dict[str, Any]:
+        check_images(train, self.name, "train")
+        if val is not None:
+            check_images(val, self.name, "val")
+        p, device = self.p, module_device(self.backbone)
+        self.to(device)
+        gen = torch.Generator().manual_seed(p.seed)
+        optimizer = torch.optim.Adam(self.flows.parameters(), lr=p.lr, weight_decay=p.weight_decay)
+        step = OptimizerStep(optimizer, device, amp=False)  # flows train in fp32: the log-det needs it
+        # the backbone is frozen and there is no augmentation: extract features once, not every epoch
+        train_feats = cache_features(self._features, train, p.batch_size, device)
+        val_feats = cache_features(self._features, val, p.batch_size, device) if val is not None else None
+
+        def train_epoch(_: int) -> float:
+            self.flows.train()
+            total = 0.0
+            for idx in minibatches(len(train), p.batch_size, gen):
+                total += step(self.nll([f[idx].to(device) for f in train_feats])) * len(idx)
+            return total / len(train)
+
+        def val_loss() -> float:
+            self.flows.eval()
+            total = 0.0
+            with torch.no_grad():
+                for idx in minibatches(len(val), p.batch_size):
+                    total += float(self.nll([f[idx].to(device) for f in val_feats])) * len(idx)
+            return total / len(val)
+
+        report = fit_epochs(self.flows, train_epoch, val_loss if val is not None else None, p.epochs, p.patience, self.name)
+        self.eval()
+        return report
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        check_images(images, self.name)
+        self.eval()
+        return predict_in_batches(self.anomaly_maps, images, self.p.batch_size, module_device(self.backbone))

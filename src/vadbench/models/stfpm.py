@@ -1,0 +1,119 @@
+"""STFPM (Wang et al., BMVC 2021, "Student-Teacher Feature Pyramid Matching for Anomaly Detection").
+
+A student network with the teacher's architecture, randomly initialised, learns to reproduce the
+frozen teacher's feature pyramid (layer1–3) on normal images. Where the two disagree the image is
+anomalous: per layer the discrepancy is ½‖t̂ − ŝ‖² of channel-normalised features (= 1 − cos),
+upsampled to the input; the layers' maps are multiplied (the paper) or summed; score = map maximum.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from vadbench.backbones import FeatureExtractor, build_feature_net
+from vadbench.models.base import AnomalyModel, register_model
+from vadbench.models.components.epoch_loop import fit_epochs, minibatches
+from vadbench.models.components.patch_features import module_device
+from vadbench.models.components.training import (
+    OptimizerStep,
+    autocast,
+    check_images,
+    check_teacher_layers,
+    mean_over_batches,
+    predict_in_batches,
+)
+from vadbench.schema import StrictModel
+
+
+@register_model
+class STFPM(AnomalyModel):
+    """Student–teacher feature-pyramid matching. Learned state: the student network (``student.*``)."""
+
+    name = "stfpm"
+
+    class Params(StrictModel):
+        """Defaults are a 2-core CPU budget; the paper: 100 epochs, batch 32, 256×256 inputs, SGD lr 0.4,
+        momentum 0.9, weight decay 1e-4, layers 1–3 of ResNet-18, product of the layer maps."""
+
+        layers: list[str] = Field(["layer1", "layer2", "layer3"], min_length=1, description="pyramid layers")
+        epochs: int = Field(30, ge=1, le=10_000, description="maximum epochs (paper: 100)")
+        batch_size: int = Field(16, ge=1, description="paper: 32")
+        lr: float = Field(0.4, gt=0, le=10, description="SGD learning rate (paper: 0.4)")
+        momentum: float = Field(0.9, ge=0, lt=1)
+        weight_decay: float = Field(1e-4, ge=0)
+        patience: int = Field(5, ge=0, description="stop after this many epochs without val improvement; 0 = never")
+        map_aggregation: Literal["product", "sum"] = Field("product", description="how layer maps combine")
+        amp: bool = Field(False, description="fp16 autocast on CUDA (the paper trains in fp32)")
+        seed: int = Field(0, ge=0)
+
+    def __init__(self, backbone: FeatureExtractor, **params: Any) -> None:
+        p = self.Params.model_validate_json(json.dumps(params))
+        super().__init__(**p.model_dump(mode="json"))
+        check_teacher_layers(self.name, backbone, p.layers)
+        self.p = p
+        self.backbone = backbone
+        with torch.random.fork_rng(devices=[]):  # a seeded student init that leaves the global RNG alone
+            torch.manual_seed(p.seed)
+            self.student = build_feature_net(backbone.arch, p.layers)
+        self.student.to(module_device(backbone))
+
+    def _pairs(self, images: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """images (B, C, H, W) → per layer (t̂, ŝ), each (B, C_l, h_l, w_l), unit-norm along channels."""
+        teacher = self.backbone(images)
+        student = self.student(self.backbone.normalize(images))  # same input normalisation as the teacher
+        return [(F.normalize(t.float(), dim=1), F.normalize(s.float(), dim=1)) for t, s in zip(teacher, student)]
+
+    def loss(self, images: torch.Tensor) -> torch.Tensor:
+        """Σ_layers mean over batch and positions of ½‖t̂ − ŝ‖² (the paper's 1/(2·h·w) Σ‖·‖²)."""
+        return sum(0.5 * (t - s).pow(2).sum(1).mean() for t, s in self._pairs(images))
+
+    def anomaly_maps(self, images: torch.Tensor) -> torch.Tensor:
+        """images (B, C, H, W) → maps (B, H, W): layer maps upsampled to (H, W), multiplied or summed."""
+        size = images.shape[-2:]
+        out = None
+        for t, s in self._pairs(images):
+            layer = 0.5 * (t - s).pow(2).sum(1, keepdim=True)
+            layer = F.interpolate(layer, size=size, mode="bilinear", align_corners=False)[:, 0]
+            if out is None:
+                out = layer
+            else:
+                out = out * layer if self.p.map_aggregation == "product" else out + layer
+        return out
+
+    def fit(self, train: torch.Tensor, val: torch.Tensor | None = None) -> dict[str, Any]:
+        check_images(train, self.name, "train")
+        if val is not None:
+            check_images(val, self.name, "val")
+        p, device = self.p, module_device(self.backbone)
+        self.to(device)
+        gen = torch.Generator().manual_seed(p.seed)
+        optimizer = torch.optim.SGD(self.student.parameters(), lr=p.lr, momentum=p.momentum, weight_decay=p.weight_decay)
+        step = OptimizerStep(optimizer, device, p.amp)
+
+        def train_epoch(_: int) -> float:
+            self.student.train()
+            total = 0.0
+            for idx in minibatches(len(train), p.batch_size, gen):
+                with autocast(device, p.amp):
+                    loss = self.loss(train[idx].to(device))
+                total += step(loss) * len(idx)  # backward outside autocast, as torch.amp recommends
+            return total / len(train)
+
+        def val_loss() -> float:
+            self.student.eval()
+            return mean_over_batches(self.loss, val, p.batch_size, device)
+
+        report = fit_epochs(self.student, train_epoch, val_loss if val is not None else None, p.epochs, p.patience, "stfpm")
+        self.eval()
+        return report
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        check_images(images, self.name)
+        self.eval()
+        return predict_in_batches(self.anomaly_maps, images, self.p.batch_size, module_device(self.backbone))

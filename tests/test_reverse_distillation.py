@@ -1,0 +1,127 @@
+"""Reverse Distillation: learns to flag toy defects with a random teacher; shapes, persistence, determinism, params."""
+
+from __future__ import annotations
+
+import numpy as np
+import pydantic
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy.ndimage import gaussian_filter
+from sklearn.metrics import roc_auc_score
+
+from vadbench.backbones import load_feature_extractor
+from vadbench.models import create_model, load_model
+
+LAYERS = ["layer1", "layer2", "layer3"]
+MARGIN = 12  # pixels of the 64×64 map border left out of the interior image score
+FAST = dict(epochs=16, batch_size=8, lr=0.001, patience=4, seed=0)  # 48 Adam steps
+
+
+@pytest.fixture(scope="module")
+def teacher(random_backbone_dir):
+    return load_feature_extractor(random_backbone_dir, LAYERS)
+
+
+@pytest.fixture(scope="module")
+def quick(teacher, toy_defect_data):
+    """One short epoch on a few images: enough to move every learned tensor, cheap enough for fast tests."""
+    train = toy_defect_data[0]
+    model = create_model("reverse_distillation", backbone=teacher, **dict(epochs=1, batch_size=4, seed=0))
+    model.fit(train[:4], train[20:22])
+    return model
+
+
+@pytest.fixture(scope="module")
+def fitted(teacher, toy_defect_data):
+    train, test, labels, _ = toy_defect_data
+    model = create_model("reverse_distillation", backbone=teacher, **FAST)
+    before = model.predict(test)
+    report = model.fit(train[:20], train[20:])
+    return model, report, before
+
+
+@pytest.mark.slow  # trains a model: ~10–60 s on 2 free cores
+def test_beats_untrained_and_detects_defects(fitted, toy_defect_data):
+    model, report, before = fitted
+    _, test, labels, masks = toy_defect_data
+    scores, maps = model.predict(test)
+    auroc, auroc_before = roc_auc_score(labels, scores), roc_auc_score(labels, before[0])
+    pixel, pixel_before = (roc_auc_score(masks.ravel(), m.numpy().ravel()) for m in (maps, before[1]))
+    assert auroc > auroc_before, (auroc, auroc_before)
+    assert pixel >= 0.85 and pixel > pixel_before + 0.05, (pixel, pixel_before)
+    # A random teacher's zero-padded border features are hard to match in a test-sized budget, so the
+    # largest discrepancies of *normal* toys sit on the map border and the map maximum reaches only
+    # ~0.7 image AUROC; the toys' blobs lie ≥ 9 px inside, and away from the border the maximum
+    # separates them (measured: STFPM ~1.0, RD ~0.84). See the report of issue 7.
+    inner = maps[:, MARGIN:-MARGIN, MARGIN:-MARGIN].flatten(1).amax(1)
+    assert roc_auc_score(labels, inner) >= 0.8
+    assert report["val_loss"][report["best_epoch"]] < report["val_loss"][0]
+
+
+def test_output_shapes_and_rgb_input(quick, toy_defect_data):
+    model = quick
+    test = toy_defect_data[1][:3]
+    scores, maps = model.predict(test)
+    assert scores.shape == (3,) and maps.shape == (3, 64, 64)
+    assert scores.dtype == maps.dtype == torch.float32 and scores.device.type == "cpu"
+    assert torch.allclose(scores, maps.flatten(1).amax(1))
+    rgb_scores, _ = model.predict(test.expand(-1, 3, -1, -1))  # grey replicated = same image
+    assert torch.allclose(rgb_scores, scores, atol=1e-6)
+    with pytest.raises(ValueError, match="C = 1 or 3"):
+        model.predict(test[:, 0])
+
+
+def test_save_load_round_trip(quick, teacher, toy_defect_data, tmp_path):
+    model = quick
+    test = toy_defect_data[1]
+    model.save(tmp_path / "m.pt")
+    state = torch.load(tmp_path / "m.pt", weights_only=True)["state"]
+    assert state and not any(k.startswith("backbone.") for k in state)
+    loaded = load_model(tmp_path / "m.pt", backbone=teacher)
+    for a, b in zip(model.predict(test), loaded.predict(test)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.slow  # trains a model: ~10–60 s on 2 free cores
+def test_same_seed_same_predictions(teacher, toy_defect_data):
+    train, test = toy_defect_data[0], toy_defect_data[1][:4]
+    runs = []
+    for seed in (3, 3, 4):
+        model = create_model("reverse_distillation", backbone=teacher, epochs=1, batch_size=8, seed=seed)
+        model.fit(train[:4], train[20:22])
+        runs.append(model.predict(test)[1])
+    assert torch.equal(runs[0], runs[1])
+    assert not torch.equal(runs[0], runs[2])
+
+
+def test_map_is_smoothed_sum_of_scale_cosine_distances(quick, teacher, toy_defect_data):
+    model = quick
+    test = toy_defect_data[1][:4]
+    with torch.no_grad():
+        t_feats = teacher(test)
+        s_feats = model.decoder(model.bottleneck(t_feats))
+    assert [s.shape for s in s_feats] == [t.shape for t in t_feats]  # the decoder mirrors the encoder
+    total = sum(
+        F.interpolate((1 - F.cosine_similarity(t, s, dim=1))[:, None], size=(64, 64), mode="bilinear", align_corners=True)
+        for t, s in zip(t_feats, s_feats)
+    )[:, 0].numpy()
+    expected = np.stack([gaussian_filter(m, sigma=4) for m in total])  # scipy as the reference smoother
+    np.testing.assert_allclose(model.predict(test)[1].numpy(), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [dict(epochs=0), dict(lr=-1.0), dict(beta1=1.0), dict(sigma=-1.0), dict(blocks=0), dict(layers=["layer1", "layer2"]), dict(epochs="3")],
+)
+def test_params_rejected(teacher, bad):
+    with pytest.raises(pydantic.ValidationError):
+        create_model("reverse_distillation", backbone=teacher, **bad)
+
+
+def test_layers_must_match_teacher(teacher, random_backbone_dir):
+    with pytest.raises(ValueError, match="backbone returns"):
+        create_model("reverse_distillation", backbone=teacher, layers=["layer2", "layer3", "layer4"])
+    skipping = load_feature_extractor(random_backbone_dir, ["layer1", "layer3", "layer4"])
+    with pytest.raises(ValueError, match="twice the previous"):
+        create_model("reverse_distillation", backbone=skipping, layers=["layer1", "layer3", "layer4"])
