@@ -48,7 +48,9 @@ class AnomalyModel(nn.Module):
 
     def __init__(self, **hparams: Any) -> None:
         super().__init__()
-        self.hparams = dict(hparams)
+        # one validation for every model: `p` is the typed view, `hparams` the saved JSON-able one
+        self.p = self.Params.model_validate_json(json.dumps(hparams))
+        self.hparams = self.p.model_dump(mode="json")
 
     def fit(self, train: torch.Tensor, val: torch.Tensor | None = None) -> dict[str, Any]:
         """Learn from normal images; return a small JSON-able report (epochs run, losses, ...)."""
@@ -115,12 +117,11 @@ def model_class(name: str) -> type[AnomalyModel]:
 
 
 def create_model(name: str, backbone: nn.Module | None = None, **hparams: Any) -> AnomalyModel:
-    """Build model `name`; `hparams` are validated by its `Params` (defaults filled in)."""
+    """Build model `name`; `hparams` are validated by its `Params` (defaults filled in) in __init__."""
     cls = model_class(name)
     if cls.needs_backbone and backbone is None:
         raise ValueError(f"model {name!r} needs a backbone")
-    checked = cls.Params.model_validate_json(json.dumps(hparams)).model_dump(mode="json")
-    return cls(backbone=backbone, **checked) if cls.needs_backbone else cls(**checked)
+    return cls(backbone=backbone, **hparams) if cls.needs_backbone else cls(**hparams)
 
 
 def load_model(path: Path, backbone: nn.Module | None = None, map_location: str | torch.device = "cpu") -> AnomalyModel:

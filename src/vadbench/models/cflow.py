@@ -14,7 +14,6 @@ of the test batch itself, which makes a score depend on the other images in its 
 
 from __future__ import annotations
 
-import json
 import math
 from typing import Any
 
@@ -89,10 +88,9 @@ class CFlow(AnomalyModel):
             return self
 
     def __init__(self, backbone: FeatureExtractor, **params: Any) -> None:
-        p = self.Params.model_validate_json(json.dumps(params))
-        super().__init__(**p.model_dump(mode="json"))
+        super().__init__(**params)
+        p = self.p
         check_teacher_layers(self.name, backbone, p.layers)
-        self.p = p
         self.backbone = backbone
         rng = np.random.default_rng(p.seed)  # the fixed permutations / rotations
         with torch.random.fork_rng(devices=[]):  # seeded init that leaves the global RNG alone

@@ -60,11 +60,10 @@ class CutPaste(AnomalyModel):
         seed: int = Field(0, ge=0, description="seeds head init, augmentations and batch order")
 
     def __init__(self, backbone: FeatureExtractor, **params: Any) -> None:
-        p = self.Params(**params)
+        super().__init__(**params)
+        p = self.p
         if any(w < 1 for w in p.head_dims):
             raise ValueError(f"cutpaste: head_dims must be positive, got {p.head_dims}")
-        super().__init__(**p.model_dump(mode="json"))
-        self.p = p
         self.backbone = backbone  # frozen original (normalisation; not saved)
         self.encoder = trainable_copy(backbone, p.trainable)  # fine-tuned copy (saved)
         with torch.random.fork_rng(devices=[]):

@@ -11,7 +11,6 @@ likelihood, bilinearly upsampled to the input and averaged over levels; image sc
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import numpy as np
@@ -63,10 +62,9 @@ class FastFlow(AnomalyModel):
         seed: int = Field(0, ge=0)
 
     def __init__(self, backbone: FeatureExtractor, **params: Any) -> None:
-        p = self.Params.model_validate_json(json.dumps(params))
-        super().__init__(**p.model_dump(mode="json"))
+        super().__init__(**params)
+        p = self.p
         check_teacher_layers(self.name, backbone, p.layers)
-        self.p = p
         self.backbone = backbone
         rng = np.random.default_rng(p.seed)  # the fixed channel permutations
         with torch.random.fork_rng(devices=[]):  # seeded init that leaves the global RNG alone

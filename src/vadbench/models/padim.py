@@ -12,7 +12,6 @@ is 41 MB in float32. Covariance sums accumulate in float64 so the one-pass formu
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any
 
@@ -39,9 +38,8 @@ class PaDiM(AnomalyModel):
         seed: int = Field(0, ge=0)
 
     def __init__(self, backbone: FeatureExtractor, **params: Any) -> None:
-        p = self.Params.model_validate_json(json.dumps(params))
-        super().__init__(**p.model_dump(mode="json"))
-        self.p = p
+        super().__init__(**params)
+        p = self.p
         self.backbone = backbone
         # sizes known only after fit: (d,) channel indices, (d, h, w) means, (h·w, d, d) inverse covariances
         self.register_buffer("channel_idx", torch.empty(0, dtype=torch.int64))

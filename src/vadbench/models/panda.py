@@ -59,9 +59,8 @@ class Panda(AnomalyModel):
         seed: int = Field(0, ge=0, description="seeds the batch order")
 
     def __init__(self, backbone: FeatureExtractor, **params: Any) -> None:
-        p = self.Params(**params)
-        super().__init__(**p.model_dump(mode="json"))
-        self.p = p
+        super().__init__(**params)
+        p = self.p
         self.backbone = backbone  # frozen original (normalisation + not saved)
         self.encoder = trainable_copy(backbone, p.trainable)  # fine-tuned copy (saved)
         self.register_buffer("center", torch.empty(0))

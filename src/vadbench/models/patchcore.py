@@ -9,7 +9,6 @@ score re-weighted by how isolated its nearest bank vector is (paper eq. 7, below
 
 from __future__ import annotations
 
-import json
 import time
 from typing import Any, Literal
 
@@ -48,11 +47,10 @@ class PatchCore(AnomalyModel):
         seed: int = Field(0, ge=0)
 
     def __init__(self, backbone: FeatureExtractor, **params: Any) -> None:
-        p = self.Params.model_validate_json(json.dumps(params))
+        super().__init__(**params)
+        p = self.p
         if p.neighborhood % 2 != 1:
             raise ValueError(f"models.patchcore.neighborhood must be odd, got {p.neighborhood}")
-        super().__init__(**p.model_dump(mode="json"))
-        self.p = p
         self.backbone = backbone
         # (K, D) coreset of training patch vectors; its size is known only after fit
         self.register_buffer("memory_bank", torch.empty(0, 0))

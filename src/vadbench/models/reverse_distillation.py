@@ -15,7 +15,6 @@ The paper uses WideResNet-50 (Bottleneck blocks); here BasicBlocks are used for 
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import torch
@@ -144,8 +143,8 @@ class ReverseDistillation(AnomalyModel):
         seed: int = Field(0, ge=0)
 
     def __init__(self, backbone: FeatureExtractor, **params: Any) -> None:
-        p = self.Params.model_validate_json(json.dumps(params))
-        super().__init__(**p.model_dump(mode="json"))
+        super().__init__(**params)
+        p = self.p
         check_teacher_layers(self.name, backbone, p.layers)
         steps = [b / a for a, b in zip(backbone.reductions, backbone.reductions[1:])]
         if steps != [2, 2]:
@@ -153,7 +152,6 @@ class ReverseDistillation(AnomalyModel):
                 f"reverse_distillation: layers {p.layers} have strides {backbone.reductions}; each must be twice the "
                 "previous (e.g. ResNet layer1–3)"
             )
-        self.p = p
         self.backbone = backbone
         with torch.random.fork_rng(devices=[]):  # seeded init that leaves the global RNG alone
             torch.manual_seed(p.seed)

@@ -8,7 +8,6 @@ upsampled to the input; the layers' maps are multiplied (the paper) or summed; s
 
 from __future__ import annotations
 
-import json
 from typing import Any, Literal
 
 import torch
@@ -52,10 +51,9 @@ class STFPM(AnomalyModel):
         seed: int = Field(0, ge=0)
 
     def __init__(self, backbone: FeatureExtractor, **params: Any) -> None:
-        p = self.Params.model_validate_json(json.dumps(params))
-        super().__init__(**p.model_dump(mode="json"))
+        super().__init__(**params)
+        p = self.p
         check_teacher_layers(self.name, backbone, p.layers)
-        self.p = p
         self.backbone = backbone
         with torch.random.fork_rng(devices=[]):  # a seeded student init that leaves the global RNG alone
             torch.manual_seed(p.seed)

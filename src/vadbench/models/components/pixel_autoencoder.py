@@ -43,9 +43,8 @@ class PixelAutoencoderModel(AnomalyModel):
     input_size: ClassVar[int] = 128
 
     def __init__(self, **params: Any) -> None:
-        p = self.Params(**params)
-        super().__init__(**p.model_dump(mode="json"))  # hparams with defaults filled in
-        self.p = p
+        super().__init__(**params)
+        p = self.p
         # seeded init without touching the global RNG (fork_rng restores it afterwards)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.p.seed)
