@@ -109,3 +109,20 @@ def test_stage_refuses_invalid_params_before_writing(raw, tmp_path):
     assert res.returncode == 2
     assert "datasets.synthetic_sem" in res.stderr and "image_size" in res.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+
+
+def test_paper_profile_is_valid_and_current():
+    """profiles/paper.yaml validates and equals what profiles/make_paper.py makes from params.yaml."""
+    import importlib.util
+
+    profile = ROOT / "profiles" / "paper.yaml"
+    params = load_params(profile)
+    assert params.pretrain.arch == "wide_resnet50_2" and params.fractals.num_classes == 1000
+    assert {params.backbones[b].init for b in params.run.backbones} == {"random", "fractal", "imagenet"}
+    spec = importlib.util.spec_from_file_location("make_paper", ROOT / "profiles" / "make_paper.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    regenerated = module.HEADER + yaml.safe_dump(
+        module.paper(yaml.safe_load((ROOT / "params.yaml").read_text())), sort_keys=False, width=110
+    )
+    assert profile.read_text() == regenerated, "profiles/paper.yaml is stale: run python profiles/make_paper.py"
