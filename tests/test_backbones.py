@@ -164,8 +164,9 @@ def test_backbones_stage_materializes_every_listed_backbone(tmp_path, monkeypatc
                    "fractal": BackboneSpec(arch="resnet18", init="fractal"),
                    "unused": BackboneSpec(arch="resnet18", init="file", file="weights/none.pth")},
     )
-    monkeypatch.setattr("vadbench.config.load_params", lambda: params)
+    monkeypatch.setattr("vadbench.config.load_params", lambda *args: params)
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.argv", ["stages/backbones.py"])
     runpy.run_path(str(ROOT / "stages" / "backbones.py"), run_name="__main__")
     out = tmp_path / "data" / "backbones"
     assert sorted(p.name for p in out.iterdir()) == ["fractal", "random"]  # one atomic dir, no temp leftovers

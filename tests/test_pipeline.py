@@ -87,7 +87,7 @@ def test_dvc_plots_page_renders_offline(project):
     """`dvc plots show` on the real outputs renders every curve and image in headless Chromium."""
     import browser
 
-    report = browser.check_dvc_plots_page(project)
+    report = browser.check_dvc_plots_page(project, html_template=browser.offline_template())
     n_cells, n_datasets = 4, 1
     # ROC + PR per cell and the pretrain curve; a gallery per cell, a preview per dataset, 3 overview PNGs
     assert browser.problems(report, expect_vega=2 * n_cells + 1, expect_images=n_cells + n_datasets + 3) == [], report

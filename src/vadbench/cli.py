@@ -10,7 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from vadbench.config import ParamsError, Params, load_params
+from vadbench import config
+from vadbench.config import Params, ParamsError, load_params
 
 # Errors a user can fix from the message alone: print it, no traceback.
 USER_ERRORS = (ParamsError, FileNotFoundError, ValueError, KeyError, RuntimeError)
@@ -28,7 +29,7 @@ def stage_main(run: Callable[..., Any], argv: list[str] | None = None, n_args: i
         print(f"error: stage {stage} takes {n_args} argument(s), got {args}", file=sys.stderr)
         raise SystemExit(2)
     try:
-        params = load_params(os.environ.get("VADBENCH_PARAMS", "params.yaml"))
+        params = config.load_params(os.environ.get("VADBENCH_PARAMS", "params.yaml"))
     except ParamsError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None

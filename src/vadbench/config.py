@@ -30,7 +30,7 @@ class RunGrid(StrictModel):
     datasets: list[str] = Field(min_length=1)
     models: list[str] = Field(min_length=1)
     backbones: list[str] = Field(min_length=1)
-    seeds: list[int] = Field(min_length=1, description="one fit per seed per cell; the leaderboard shows mean ± std")
+    seeds: list[int] = Field([0], min_length=1, description="one fit per seed per cell; the leaderboard shows mean ± std")
 
     @model_validator(mode="after")
     def _unique(self) -> RunGrid:
