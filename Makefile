@@ -20,6 +20,7 @@ help:
 	@echo "make test-fast      the suite without tests marked slow"
 	@echo "make bench          run benchmarks/ (writes benchmarks/results/*.md)"
 	@echo "make profile-paper  switch params.yaml to the paper-scale profile (profiles/paper.yaml)"
+	@echo "make plots-deps     chromium + pinned vega builds: offline dvc plots show page and its test"
 
 $(BIN)/python:
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found (Python 3.11 is required; set PYTHON=...)"; exit 1; }
@@ -38,10 +39,11 @@ validate: $(STAMP)
 repro: validate
 	$(BIN)/dvc repro
 
-test: $(STAMP)
+# the offline plots-page test needs headless Chromium and the pinned vega builds (plots-deps)
+test: $(STAMP) plots-deps
 	$(BIN)/python -m pytest -q
 
-test-fast: $(STAMP)
+test-fast: $(STAMP) plots-deps
 	$(BIN)/python -m pytest -q -m 'not slow'
 
 bench: $(STAMP)
