@@ -162,7 +162,10 @@ def materialize_backbone(
     if init == "random":
         torch.manual_seed(seed)
         state = timm.create_model(arch, pretrained=False).state_dict()
-        source = f"timm default init, seed {seed}"
+        # timm zero-initialises the last BN of every residual block (zero_init_last): untrained, the
+        # residual branches output zero and the net acts as stem + projections. Kept on purpose: it is
+        # what "untrained timm model" means, and scored above a torchvision-style init on synthetic_sem.
+        source = f"timm default init (zero_init_last: residual branches start at zero), seed {seed}"
         default_mean, default_std = IMAGENET_MEAN, IMAGENET_STD
     elif init == "fractal":
         if pretrain_dir is None:
