@@ -63,9 +63,13 @@ def test_fractal_backbone_arch_must_match_pretrain(raw):
     assert "backbones.fractal.arch" in msg and "pretrain.arch" in msg
 
 
-def test_imagenet_backbone_needs_a_file(raw):
-    msg = _error(raw, lambda p: p["backbones"]["imagenet"].pop("file"))
-    assert "backbones.imagenet" in msg and "file" in msg
+def test_file_backbone_needs_a_file(raw):
+    msg = _error(raw, lambda p: p["backbones"].update(mine={"arch": "resnet18", "init": "file"}))
+    assert "backbones.mine" in msg and "file" in msg
+    # imagenet may omit `file`: the timm/Hugging Face cache is then the only (offline) source
+    ok = copy.deepcopy(raw)
+    ok["backbones"]["imagenet"].pop("file")
+    parse_params(ok)
 
 
 def test_missing_and_malformed_files(tmp_path):

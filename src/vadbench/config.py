@@ -44,14 +44,16 @@ class RunGrid(StrictModel):
 class BackboneSpec(StrictModel):
     arch: str = Field(description="timm architecture, optionally with a weights tag (resnet18.tv_in1k)")
     init: Literal["random", "fractal", "imagenet", "file"]
-    file: str | None = Field(None, description="local weights file for init imagenet/file")
+    file: str | None = Field(
+        None, description="local weights file (init file; init imagenet: else the timm/HF cache, never a download)"
+    )
     mean: tuple[float, float, float] | None = None
     std: tuple[float, float, float] | None = None
 
     @model_validator(mode="after")
     def _file_when_needed(self) -> BackboneSpec:
-        if self.init in ("imagenet", "file") and not self.file:
-            raise ValueError(f"init {self.init!r} needs `file`: a local weights file (nothing is downloaded)")
+        if self.init == "file" and not self.file:
+            raise ValueError("init 'file' needs `file`: a local weights file (nothing is downloaded)")
         if self.init in ("random", "fractal") and self.file:
             raise ValueError(f"init {self.init!r} takes no `file`")
         return self
