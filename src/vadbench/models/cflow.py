@@ -34,6 +34,7 @@ from vadbench.models.components.training import (
     cache_features,
     check_images,
     check_teacher_layers,
+    mean_over_batches,
     predict_in_batches,
 )
 from vadbench.schema import StrictModel
@@ -190,11 +191,7 @@ class CFlow(AnomalyModel):
 
         def val_loss() -> float:
             self.decoders.eval()
-            total = 0.0
-            with torch.no_grad():
-                for idx in minibatches(len(val), p.batch_size):
-                    total += float(self.loss([f[idx].to(device) for f in val_feats])) * len(idx)
-            return total / len(val)
+            return mean_over_batches(self.loss, val_feats, p.batch_size, device)
 
         report = fit_epochs(self.decoders, train_epoch, val_loss if val is not None else None, p.epochs, p.patience, self.name)
         self.eval()

@@ -30,6 +30,7 @@ from vadbench.models.components.training import (
     cache_features,
     check_images,
     check_teacher_layers,
+    mean_over_batches,
     predict_in_batches,
 )
 from vadbench.schema import StrictModel
@@ -131,11 +132,7 @@ class FastFlow(AnomalyModel):
 
         def val_loss() -> float:
             self.flows.eval()
-            total = 0.0
-            with torch.no_grad():
-                for idx in minibatches(len(val), p.batch_size):
-                    total += float(self.nll([f[idx].to(device) for f in val_feats])) * len(idx)
-            return total / len(val)
+            return mean_over_batches(self.nll, val_feats, p.batch_size, device)
 
         report = fit_epochs(self.flows, train_epoch, val_loss if val is not None else None, p.epochs, p.patience, self.name)
         self.eval()

@@ -7,6 +7,7 @@ The epoch loop itself (early stopping on validation loss, best-weights restore) 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -54,15 +55,27 @@ class OptimizerStep:
 
 
 def mean_over_batches(
-    fn: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, batch_size: int, device: torch.device
+    fn: Callable[[Any], torch.Tensor],
+    data: torch.Tensor | list[torch.Tensor],
+    batch_size: int,
+    device: torch.device,
 ) -> float:
-    """Σ fn(batch)·len(batch) / N, in order, without grad: a validation loss over all `images`."""
+    """Σ fn(batch)·len(batch) / N, in order, without grad: a validation loss over all of `data`.
+
+    `data` is images (N, C, H, W), or cached feature levels [(N, c, h, w), ...] sliced together.
+    """
+    levels = data if isinstance(data, list) else None
+    n = len(levels[0]) if levels is not None else len(data)
     total = 0.0
     with torch.no_grad():
-        for start in range(0, len(images), batch_size):
-            batch = images[start : start + batch_size].to(device)
-            total += float(fn(batch)) * len(batch)
-    return total / len(images)
+        for start in range(0, n, batch_size):
+            stop = min(start + batch_size, n)
+            if levels is not None:
+                batch: Any = [f[start:stop].to(device) for f in levels]
+            else:
+                batch = data[start:stop].to(device)
+            total += float(fn(batch)) * (stop - start)
+    return total / n
 
 
 def predict_in_batches(
