@@ -26,8 +26,8 @@ def paper(p: dict) -> dict:
     arch = "wide_resnet50_2"
     p["run"] = {
         "datasets": ["synthetic_sem", *(f"mvtec_ad_{c}" for c in MVTEC)],
-        "models": ["patchcore", "padim", "stfpm", "reverse_distillation", "fastflow", "cflow",
-                   "panda", "cutpaste", "sparse_ae", "deep_ae"],
+        "models": ["patchcore", "padim", "stfpm", "reverse_distillation", "fastflow", "cflow", "panda", "cutpaste"],
+        "pixel_models": ["sparse_ae", "deep_ae"],
         "backbones": ["random", "fractal", "imagenet"],
         "seeds": [0, 1, 2],
     }
@@ -45,12 +45,13 @@ def paper(p: dict) -> dict:
     m = p["models"]
     m["patchcore"].update(layers=["layer2", "layer3"], coreset_ratio=0.1, target_embed_dimension=1024)
     m["padim"].update(layers=["layer1", "layer2", "layer3"], n_features=550)
-    m["stfpm"].update(epochs=100, batch_size=32, lr=0.4)
-    m["reverse_distillation"].update(epochs=200, lr=0.005)
+    m["stfpm"].update(epochs=100, batch_size=32, lr=0.4, map_normalization="none")
+    m["reverse_distillation"].update(epochs=200, lr=0.005, map_normalization="none")
     m["fastflow"].update(flow_steps=8, epochs=500, batch_size=32)
     m["cflow"].update(layers=["layer2", "layer3", "layer4"], coupling_blocks=8, condition_vector=128, epochs=200)
-    m["panda"].update(epochs=15, batch_size=32)
-    m["cutpaste"].update(epochs=256, batch_size=32, head_dims=[512] * 8 + [128])
+    m["panda"].update(layers=["layer4"], pooling="avg", trainable=["layer3", "layer4"], epochs=15, batch_size=32, lr=0.01)
+    m["cutpaste"].update(layers=["layer4"], pooling="avg", trainable=["conv1", "bn1", "layer1", "layer2", "layer3", "layer4"],
+                         epochs=256, batch_size=32, head_dims=[512] * 8 + [128])
     m["sparse_ae"].update(epochs=200, batch_size=32)
     m["deep_ae"].update(epochs=200, batch_size=32)
     p["score"].update(batch_size=32, latency_repeats=50, latency_warmup=5)

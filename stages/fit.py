@@ -4,13 +4,14 @@ from pathlib import Path
 
 from vadbench.cell import CellInputs, cell_name, fit_cell
 from vadbench.cli import require_in_grid, stage_main
-from vadbench.config import Params
+from vadbench.config import NO_BACKBONE, Params
 
 
 def run(params: Params, dataset: str, model: str, backbone: str) -> None:
     require_in_grid(params, dataset, model, backbone)
     spec = params.datasets[dataset]
-    inputs = CellInputs(Path("data/prepared") / dataset, Path("data/backbones") / backbone, spec.image_size, spec.center_crop)
+    backbone_dir = None if backbone == NO_BACKBONE else Path("data/backbones") / backbone
+    inputs = CellInputs(Path("data/prepared") / dataset, backbone_dir, spec.image_size, spec.center_crop)
     out = Path("data/fits") / cell_name(dataset, model, backbone)
     for s in fit_cell(inputs, model, params.models.get(model, {}), out, seeds=params.run.seeds, device=params.device):
         print(f"fit {out.name} seed {s['seed']}: {s['fit_seconds']:.1f} s, peak RSS {s['fit_peak_rss_mb']:.0f} MB")

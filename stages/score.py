@@ -4,13 +4,14 @@ from pathlib import Path
 
 from vadbench.cell import CellInputs, ScoreSettings, cell_name, score_cell
 from vadbench.cli import require_in_grid, stage_main
-from vadbench.config import Params
+from vadbench.config import NO_BACKBONE, Params
 
 
 def run(params: Params, dataset: str, model: str, backbone: str) -> None:
     require_in_grid(params, dataset, model, backbone)
     spec = params.datasets[dataset]
-    inputs = CellInputs(Path("data/prepared") / dataset, Path("data/backbones") / backbone, spec.image_size, spec.center_crop)
+    backbone_dir = None if backbone == NO_BACKBONE else Path("data/backbones") / backbone
+    inputs = CellInputs(Path("data/prepared") / dataset, backbone_dir, spec.image_size, spec.center_crop)
     name = cell_name(dataset, model, backbone)
     settings = ScoreSettings(
         batch_size=params.score.batch_size,

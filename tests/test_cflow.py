@@ -15,7 +15,7 @@ from vadbench.models.cflow import positional_encoding_2d
 from vadbench.models.components.flows import AffineCouplingBlock, SequentialFlow, fc_subnet
 
 LAYERS = ["layer2", "layer3"]
-FAST = dict(coupling_blocks=2, condition_vector=32, fiber_batch_size=64, epochs=3, batch_size=8, lr=1e-3, seed=0)
+FAST = dict(layers=LAYERS, coupling_blocks=2, condition_vector=32, fiber_batch_size=64, epochs=3, batch_size=8, lr=1e-3, seed=0)
 
 
 @pytest.mark.parametrize("soft", [False, True])

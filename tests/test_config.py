@@ -23,8 +23,17 @@ def raw() -> dict:
 def test_default_params_are_valid(raw):
     params = parse_params(raw)
     assert params.run.models and params.run.backbones and params.run.datasets
-    for name in params.run.models:
+    for name in params.run.models + params.run.pixel_models:
         params.model_params(name)  # every listed model's section validates
+
+
+def test_grid_cells_run_pixel_models_once_per_dataset(raw):
+    run = parse_params(raw).run
+    cells = run.cells()
+    assert len(cells) == len(run.datasets) * (len(run.models) * len(run.backbones) + len(run.pixel_models))
+    assert len(set(cells)) == len(cells)
+    pixel = [c for c in cells if c[2] == "none"]
+    assert sorted(m for _, m, _ in pixel) == sorted(run.pixel_models) and run.pixel_models
 
 
 def _error(raw: dict, mutate) -> str:
@@ -52,6 +61,11 @@ def _error(raw: dict, mutate) -> str:
         (lambda p: p.update(device="tpu"), "device"),
         (lambda p: p["datasets"]["synthetic_sem"].update(n_train=0), "n_train"),
         (lambda p: p["datasets"]["synthetic_sem"].update(kind="nosuchkind"), "datasets.synthetic_sem"),
+        (lambda p: p["run"].update(models=["patchcore", "sparse_ae"]), "list it under run.pixel_models"),
+        (lambda p: p["run"].update(pixel_models=["deep_ae", "padim"]), "run.pixel_models: 'padim' needs a backbone"),
+        (lambda p: p["run"].update(models=[], pixel_models=[]), "nothing to benchmark"),
+        (lambda p: p["run"].update(pixel_models=["deep_ae", "deep_ae"]), "run.pixel_models lists a name twice"),
+        (lambda p: p["backbones"].update(none={"arch": "resnet18", "init": "random"}), "backbones.none"),
     ],
 )
 def test_invalid_params_name_the_key(raw, mutate, expected):
@@ -130,3 +144,14 @@ def test_paper_profile_is_valid_and_current():
         module.paper(yaml.safe_load((ROOT / "params.yaml").read_text())), sort_keys=False, width=110
     )
     assert profile.read_text() == regenerated, "profiles/paper.yaml is stale: run python profiles/make_paper.py"
+
+
+def test_stages_refuse_cells_outside_the_grid(raw):
+    from vadbench.cli import require_in_grid
+
+    params = parse_params(raw)
+    require_in_grid(params, "synthetic_sem", "sparse_ae", "none")
+    require_in_grid(params, "synthetic_sem", "patchcore", "fractal")
+    for cell in (("synthetic_sem", "sparse_ae", "fractal"), ("synthetic_sem", "patchcore", "none"), ("nodata", None, None)):
+        with pytest.raises(ParamsError, match="not in"):
+            require_in_grid(params, *cell)

@@ -84,3 +84,18 @@ def test_predict_before_fit_and_bad_params(extractor):
         create_model(NAME, backbone=extractor, **{**SMALL, "trainable": ["layer9"]})
     with pytest.raises(ValueError, match="needs a backbone"):
         create_model(NAME, **SMALL)
+
+
+def test_max_pooling_keeps_a_small_local_change(extractor):
+    """A defect on 1 % of the image moves the max-pooled feature far more than the image-wide average."""
+    from vadbench.models.components.backbone_finetune import pooled_features, trainable_copy
+
+    net = trainable_copy(extractor, []).eval()
+    image = torch.full((1, 3, 64, 64), 0.3)
+    defect = image.clone()
+    defect[..., 30:36, 30:36] = 1.0
+    with torch.no_grad():
+        x, y = extractor.normalize(image), extractor.normalize(defect)
+        change = {p: float((pooled_features(net, y, p) - pooled_features(net, x, p)).norm()) for p in ("avg", "max")}
+        size = {p: float(pooled_features(net, x, p).norm()) for p in ("avg", "max")}
+    assert change["max"] / size["max"] > 3 * change["avg"] / size["avg"], (change, size)

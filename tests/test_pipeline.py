@@ -26,7 +26,9 @@ pytestmark = pytest.mark.slow
 
 def tiny_params() -> dict:
     p = yaml.safe_load((ROOT / "params.yaml").read_text())
-    p["run"] = {"datasets": ["synthetic_sem"], "models": ["patchcore", "padim"], "backbones": ["random", "fractal"], "seeds": [0]}
+    p["run"] = {"datasets": ["synthetic_sem"], "models": ["patchcore", "padim"], "pixel_models": ["sparse_ae"],
+                "backbones": ["random", "fractal"], "seeds": [0]}
+    p["models"]["sparse_ae"].update(epochs=2)
     p["fractals"].update(num_classes=4, instances_per_class=8, image_size=32, points=2000, pad=1, workers=1)
     p["pretrain"].update(epochs=1, batch_size=16, milestones=[], warmup_epochs=0)
     p["datasets"]["synthetic_sem"].update(image_size=64, n_train=12, n_val=4, n_test_normal=6, n_test_per_defect=2)
@@ -70,13 +72,15 @@ def project(tmp_path_factory) -> Path:
 
 
 CELLS = {f"{s}@synthetic_sem-{m}-{b}" for s in ("fit", "score") for m in ("patchcore", "padim") for b in ("random", "fractal")}
+PIXEL_CELLS = {"fit_pixels@synthetic_sem-sparse_ae", "score_pixels@synthetic_sem-sparse_ae"}  # no backbone: once
 
 
 def test_full_chain_then_noop(project):
     ran = _ran(_run(["dvc", "repro"], project))
-    assert ran == {"fractals", "pretrain", "backbones", "prepare@synthetic_sem", "aggregate"} | CELLS
+    assert ran == {"fractals", "pretrain", "backbones", "prepare@synthetic_sem", "aggregate"} | CELLS | PIXEL_CELLS
     summary = json.loads((project / "metrics" / "summary.json").read_text())
-    assert set(summary["synthetic_sem"]) == {"patchcore", "padim"}
+    assert set(summary["synthetic_sem"]) == {"patchcore", "padim", "sparse_ae"}
+    assert set(summary["synthetic_sem"]["sparse_ae"]) == {"none"}
     for png in ("reports/leaderboard.png", "reports/curves.png", "reports/synthetic_sem/preview.png",
                 "reports/cells/synthetic_sem-patchcore-fractal/gallery.png", "reports/fractals_preview.png"):
         assert (project / png).is_file(), png
@@ -88,7 +92,7 @@ def test_dvc_plots_page_renders_offline(project):
     import browser
 
     report = browser.check_dvc_plots_page(project, html_template=browser.offline_template())
-    n_cells, n_datasets = 4, 1
+    n_cells, n_datasets = 5, 1
     # ROC + PR per cell and the pretrain curve; a gallery per cell, a preview per dataset, 3 overview PNGs
     assert browser.problems(report, expect_vega=2 * n_cells + 1, expect_images=n_cells + n_datasets + 3) == [], report
 
@@ -107,6 +111,7 @@ def test_fractal_param_reruns_only_fractal_chain(project):
     assert {"fractals", "pretrain", "backbones", "aggregate"} <= ran
     assert {c for c in CELLS if c.endswith("-fractal")} <= ran
     assert not {c for c in CELLS if c.endswith("-random")} & ran
+    assert not PIXEL_CELLS & ran  # pixel models depend on no backbone
     assert "prepare@synthetic_sem" not in ran
 
 

@@ -12,7 +12,6 @@ from vadbench.backbones import load_feature_extractor
 from vadbench.models import create_model
 
 LAYERS = ["layer1", "layer2", "layer3"]
-MARGIN = 12  # pixels of the 64×64 map border left out of the interior image score
 FAST = dict(epochs=30, batch_size=8, patience=5, seed=0)  # ≤ 90 SGD steps
 
 
@@ -34,6 +33,8 @@ def quick(teacher, toy_defect_data):
 def fitted(teacher, toy_defect_data):
     train, test, labels, _ = toy_defect_data
     model = create_model("stfpm", backbone=teacher, **FAST)
+    # the untrained baseline gets the same validation-fitted map normalisation as the trained model
+    model.map_norm.calibrate(model.anomaly_maps, train[20:], 8, torch.device("cpu"), "stfpm")
     before = model.predict(test)
     report = model.fit(train[:20], train[20:])
     return model, report, before
@@ -50,12 +51,9 @@ def test_beats_untrained_and_detects_defects(fitted, toy_defect_data):
     # image ranking is chance until the student has learned the normal features
     assert auroc > auroc_before + 0.1, (auroc, auroc_before)
     assert pixel >= 0.85, (pixel, pixel_before)
-    # A random teacher's zero-padded border features are hard to match in a test-sized budget, so the
-    # largest discrepancies of *normal* toys sit on the map border and the map maximum reaches only
-    # ~0.7 image AUROC; the toys' blobs lie ≥ 9 px inside, and away from the border the maximum
-    # separates them (measured: STFPM ~1.0, RD ~0.84). See the report of issue 7.
-    inner = maps[:, MARGIN:-MARGIN, MARGIN:-MARGIN].flatten(1).amax(1)
-    assert roc_auc_score(labels, inner) >= 0.8
+    # the per-position map normalisation (default) keeps the normals' border discrepancies, which a
+    # random teacher's zero padding makes hard to learn in a test-sized budget, out of the image score
+    assert auroc >= 0.8, auroc
     assert report["val_loss"][report["best_epoch"]] < report["val_loss"][0]
 
 
@@ -76,6 +74,7 @@ def test_map_is_product_or_sum_of_layer_cosine_distances(quick, teacher, toy_def
     model = quick
     summed = create_model("stfpm", backbone=teacher, **{**FAST, "map_aggregation": "sum"})
     summed.load_learned_state(model.learned_state())
+    summed.eval()  # predict would switch to eval itself; anomaly_maps alone does not
     test = toy_defect_data[1][:4]
     with torch.no_grad():
         t_feats = teacher(test)
@@ -84,8 +83,13 @@ def test_map_is_product_or_sum_of_layer_cosine_distances(quick, teacher, toy_def
         F.interpolate((1 - F.cosine_similarity(t, s, dim=1))[:, None], size=(64, 64), mode="bilinear")[:, 0]
         for t, s in zip(t_feats, s_feats)
     ]
-    assert torch.allclose(model.predict(test)[1], layer_maps[0] * layer_maps[1] * layer_maps[2], atol=1e-5)
-    assert torch.allclose(summed.predict(test)[1], sum(layer_maps), atol=1e-5)
+    with torch.no_grad():
+        product, total = model.anomaly_maps(test), summed.anomaly_maps(test)
+    assert torch.allclose(product, layer_maps[0] * layer_maps[1] * layer_maps[2], atol=1e-5)
+    assert torch.allclose(total, sum(layer_maps), atol=1e-5)
+    # what predict returns: the raw map standardised per position with the validation normals' moments
+    z = (product - model.map_norm.mean) / model.map_norm.std
+    torch.testing.assert_close(model.predict(test)[1], z, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from vadbench import config
-from vadbench.config import Params, ParamsError, load_params
+from vadbench.config import NO_BACKBONE, Params, ParamsError, load_params
 
 # Errors a user can fix from the message alone: print it, no traceback.
 USER_ERRORS = (ParamsError, FileNotFoundError, ValueError, KeyError, RuntimeError)
@@ -42,14 +42,18 @@ def stage_main(run: Callable[..., Any], argv: list[str] | None = None, n_args: i
         raise SystemExit(1) from None
 
 
-def require_in_grid(params: Params, dataset: str | None = None, model: str | None = None, backbone: str | None = None) -> None:
-    for kind, value, allowed in (
-        ("dataset", dataset, params.run.datasets),
-        ("model", model, params.run.models),
-        ("backbone", backbone, params.run.backbones),
-    ):
-        if value is not None and value not in allowed:
-            raise ParamsError(f"{kind} {value!r} is not in run.{kind}s {allowed}")
+def require_in_grid(params: Params, dataset: str, model: str | None = None, backbone: str | None = None) -> None:
+    """Stop unless `dataset` is in run.datasets and, given a model, (dataset, model, backbone) is a cell of
+    the run grid (see `RunGrid.cells`)."""
+    if dataset not in params.run.datasets:
+        raise ParamsError(f"dataset {dataset!r} is not in run.datasets {params.run.datasets}")
+    if model is not None and (dataset, model, backbone) not in params.run.cells():
+        run = params.run
+        raise ParamsError(
+            f"cell {dataset}-{model}-{backbone} is not in the run grid: run.datasets {run.datasets}, run.models "
+            f"{run.models} × run.backbones {run.backbones}, run.pixel_models {run.pixel_models} × backbone "
+            f"{NO_BACKBONE!r}"
+        )
 
 
 def _validate(ns: argparse.Namespace) -> int:
@@ -58,10 +62,10 @@ def _validate(ns: argparse.Namespace) -> int:
     except ParamsError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    cells = len(params.run.datasets) * len(params.run.models) * len(params.run.backbones)
+    run = params.run
     print(
-        f"{ns.params}: OK — {len(params.run.datasets)} dataset(s) × {len(params.run.models)} model(s) × "
-        f"{len(params.run.backbones)} backbone(s) = {cells} cells"
+        f"{ns.params}: OK — {len(run.datasets)} dataset(s) × ({len(run.models)} model(s) × "
+        f"{len(run.backbones)} backbone(s) + {len(run.pixel_models)} pixel model(s)) = {len(run.cells())} cells"
     )
     return 0
 

@@ -24,21 +24,34 @@ class ParamsError(ValueError):
     """params.yaml is invalid; the message names every offending key path."""
 
 
+#: the backbone slot of cells whose model trains from pixels (run.pixel_models)
+NO_BACKBONE = "none"
+
+
 class RunGrid(StrictModel):
-    """The benchmark grid: one fit/score cell per dataset × model × backbone."""
+    """The benchmark grid: one fit/score cell per dataset × model × backbone, plus one per dataset × pixel
+    model (autoencoders trained from pixels: a backbone would change nothing, so they run once)."""
 
     datasets: list[str] = Field(min_length=1)
-    models: list[str] = Field(min_length=1)
+    models: list[str] = Field([], description="models on a backbone: one cell per backbone")
+    pixel_models: list[str] = Field([], description="backbone-free models: one cell per dataset, backbone 'none'")
     backbones: list[str] = Field(min_length=1)
     seeds: list[int] = Field([0], min_length=1, description="one fit per seed per cell; the leaderboard shows mean ± std")
 
     @model_validator(mode="after")
     def _unique(self) -> RunGrid:
-        for key in ("datasets", "models", "backbones", "seeds"):
+        for key in ("datasets", "models", "pixel_models", "backbones", "seeds"):
             values = getattr(self, key)
             if len(set(values)) != len(values):
                 raise ValueError(f"run.{key} lists a name twice: {values}")
+        if not self.models and not self.pixel_models:
+            raise ValueError("run.models and run.pixel_models are both empty: nothing to benchmark")
         return self
+
+    def cells(self) -> list[tuple[str, str, str]]:
+        """Every (dataset, model, backbone) the pipeline fits and scores, in dvc.yaml's order."""
+        on_backbones = [(d, m, b) for d in self.datasets for m in self.models for b in self.backbones]
+        return on_backbones + [(d, m, NO_BACKBONE) for d in self.datasets for m in self.pixel_models]
 
 
 class BackboneSpec(StrictModel):
@@ -91,7 +104,7 @@ class Params(StrictModel):
 
 
 def _check_names(p: Params) -> list[str]:
-    from vadbench.models import model_names
+    from vadbench.models import model_class, model_names
 
     errors = []
     for key, defined in (("datasets", p.datasets), ("backbones", p.backbones)):
@@ -99,11 +112,16 @@ def _check_names(p: Params) -> list[str]:
             if name not in defined:
                 errors.append(f"run.{key}: {name!r} is not defined under `{key}:` (defined: {sorted(defined)})")
     registered = model_names()
-    for name in set(p.run.models) | set(p.models):
-        where = "run.models" if name in p.run.models else "models"
+    for name in sorted(set(p.run.models) | set(p.run.pixel_models) | set(p.models)):
+        where = "run.models" if name in p.run.models else "run.pixel_models" if name in p.run.pixel_models else "models"
         if name not in registered:
             errors.append(f"{where}: unknown model {name!r}; available: {registered}")
             continue
+        needs_backbone = model_class(name).needs_backbone
+        if name in p.run.models and not needs_backbone:
+            errors.append(f"run.models: {name!r} trains from pixels without a backbone; list it under run.pixel_models")
+        if name in p.run.pixel_models and needs_backbone:
+            errors.append(f"run.pixel_models: {name!r} needs a backbone; list it under run.models")
         if "seed" in p.models.get(name, {}):
             errors.append(f"models.{name}.seed: set seeds with run.seeds (every model gets each seed), not per model")
             continue
@@ -111,6 +129,8 @@ def _check_names(p: Params) -> list[str]:
             p.model_params(name)
         except ValidationError as err:
             errors.extend(_format(err, prefix=f"models.{name}"))
+    if NO_BACKBONE in p.backbones:
+        errors.append(f"backbones.{NO_BACKBONE}: the name is reserved for the cells of run.pixel_models")
     for name in p.run.backbones:
         spec = p.backbones.get(name)
         if spec is not None and spec.init == "fractal" and spec.arch.split(".")[0] != p.pretrain.arch:

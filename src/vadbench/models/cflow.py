@@ -68,7 +68,9 @@ class CFlow(AnomalyModel):
         condition vector 128, subnet hidden 2× input, clamp 1.9, fiber batch 256, Adam lr 2e-4 with
         warm-up and cosine decay (not done here), 25 meta-epochs × 8 sub-epochs, 256×256 inputs."""
 
-        layers: list[str] = Field(["layer2", "layer3"], min_length=1, description="paper: layer2–4")
+        layers: list[str] = Field(
+            ["layer1", "layer2"], min_length=1, description="paper: layer2–4 at 256 px (layer1+2 at 128 px give its grids)"
+        )
         coupling_blocks: int = Field(4, ge=1, le=32, description="paper: 8")
         condition_vector: int = Field(64, ge=4, le=1024, description="positional-encoding size (paper: 128)")
         hidden_ratio: float = Field(2.0, gt=0, le=8, description="subnet hidden / input features (paper: 2)")

@@ -19,7 +19,7 @@ from torch import nn
 
 from vadbench.backbones import FeatureExtractor
 from vadbench.models.base import AnomalyModel, register_model
-from vadbench.models.components.backbone_finetune import pooled_features, set_finetune_mode, trainable_copy
+from vadbench.models.components.backbone_finetune import Pooling, pooled_features, set_finetune_mode, trainable_copy
 from vadbench.models.components.cutpaste_augment import three_way_batch
 from vadbench.models.components.epoch_loop import fit_epochs, minibatches
 from vadbench.schema import StrictModel
@@ -46,9 +46,10 @@ class CutPaste(AnomalyModel):
         SGD lr 0.03 momentum 0.9 weight decay 3e-5, cosine schedule, batch 96 (32 per class), 256 epochs."""
 
         layers: list[str] = Field(
-            ["layer2", "layer3", "layer4"], min_length=1, description="pooled, concatenated layers (paper: final only)"
+            ["layer1", "layer2", "layer3"], min_length=1, description="pooled, concatenated layers (paper: final only)"
         )
-        trainable: list[str] = Field(["layer4"], description="backbone modules fine-tuned (paper: all)")
+        pooling: Pooling = Field("max", description="global pooling per layer: avg (paper) | max (keeps small defects)")
+        trainable: list[str] = Field(["layer3"], description="backbone modules fine-tuned (paper: all)")
         head_dims: list[int] = Field([128], description="hidden widths of the projection MLP")
         epochs: int = Field(5, ge=0, le=10000)
         batch_size: int = Field(8, ge=2, le=4096, description="normal images per step (×3 with augmentations)")
@@ -77,7 +78,7 @@ class CutPaste(AnomalyModel):
         return self.backbone.mean.device
 
     def _embed(self, images: torch.Tensor) -> torch.Tensor:
-        return pooled_features(self.encoder, self.backbone.normalize(images.to(self.device)))
+        return pooled_features(self.encoder, self.backbone.normalize(images.to(self.device)), self.p.pooling)
 
     @torch.no_grad()
     def embeddings(self, images: torch.Tensor, batch_size: int = 32) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """PANDA (Reiss et al., CVPR 2021): fine-tune a pretrained backbone to make normal features compact.
 
 A copy of the backbone (`encoder.`) is fine-tuned on normal images with the compactness loss
-‖f(x) − c‖², where f is the global-average-pooled feature of `layers` and c the mean feature of
+‖f(x) − c‖², where f is the globally pooled (avg as the paper, or max) feature of `layers` and c the mean feature of
 the train images before fine-tuning. Collapse guard: the Fisher-diagonal EWC term of the paper
 needs the source-task data, which a benchmark backbone does not come with, so this
 implementation uses (a) PANDA's own "early stopping" variant guards — small learning rate, few
@@ -22,6 +22,7 @@ from torch import nn
 from vadbench.backbones import FeatureExtractor
 from vadbench.models.base import AnomalyModel, register_model
 from vadbench.models.components.backbone_finetune import (
+    Pooling,
     l2sp_penalty,
     pooled_features,
     set_finetune_mode,
@@ -45,12 +46,13 @@ class Panda(AnomalyModel):
         weight decay 5e-5, batch 32, 15 epochs, grad clip 1e-3, EWC (λ 5e4) or early stopping, k = 2."""
 
         layers: list[str] = Field(
-            ["layer2", "layer3", "layer4"], min_length=1, description="pooled, concatenated layers (paper: final only)"
+            ["layer1", "layer2"], min_length=1, description="pooled, concatenated layers (paper: final only)"
         )
-        trainable: list[str] = Field(["layer3", "layer4"], description="modules fine-tuned; PANDA freezes conv1…layer2")
+        pooling: Pooling = Field("max", description="global pooling per layer: avg (paper) | max (keeps small defects)")
+        trainable: list[str] = Field(["layer2"], description="modules fine-tuned (PANDA: the last blocks only)")
         epochs: int = Field(10, ge=0, le=1000, description="0 = no fine-tuning (plain kNN on pretrained features, DN2)")
         batch_size: int = Field(16, ge=1, le=4096)
-        lr: float = Field(1e-2, gt=0, le=10)
+        lr: float = Field(0.03, gt=0, le=10, description="SGD (paper: 1e-2)")
         weight_decay: float = Field(5e-5, ge=0, le=1)
         grad_clip: float = Field(1.0, gt=0, description="max gradient norm per step (paper 1e-3: too slow for CPU budgets)")
         l2sp_weight: float = Field(1e-2, ge=0, description="weight of Σ‖θ − θ₀‖² (stand-in for EWC)")
@@ -78,7 +80,7 @@ class Panda(AnomalyModel):
         with torch.no_grad():
             return torch.cat(
                 [
-                    pooled_features(self.encoder, self.backbone.normalize(images[i].to(self.device)))
+                    pooled_features(self.encoder, self.backbone.normalize(images[i].to(self.device)), self.p.pooling)
                     for i in minibatches(len(images), batch_size)
                 ]
             )
@@ -103,7 +105,7 @@ class Panda(AnomalyModel):
                 total = 0.0
                 for idx in minibatches(len(train), p.batch_size, gen):
                     x = self.backbone.normalize(train[idx].to(self.device))
-                    compact = ((pooled_features(self.encoder, x) - center) ** 2).sum(1).mean()
+                    compact = ((pooled_features(self.encoder, x, p.pooling) - center) ** 2).sum(1).mean()
                     loss = compact + p.l2sp_weight * l2sp_penalty(self.encoder, anchor)
                     opt.zero_grad(set_to_none=True)
                     loss.backward()

@@ -24,6 +24,7 @@ from torch import nn
 
 from vadbench.backbones import FeatureExtractor
 from vadbench.models.base import AnomalyModel, register_model
+from vadbench.models.components.map_normalization import MapNormalization, PositionalMapNorm
 from vadbench.models.components.epoch_loop import fit_epochs, minibatches
 from vadbench.models.components.patch_features import module_device
 from vadbench.models.components.smoothing import gaussian_blur
@@ -140,6 +141,11 @@ class ReverseDistillation(AnomalyModel):
         sigma: float = Field(4.0, ge=0, description="Gaussian smoothing of the map in input pixels (0 = none)")
         patience: int = Field(5, ge=0, description="stop after this many epochs without val improvement; 0 = never")
         amp: bool = Field(False, description="fp16 autocast on CUDA (the paper trains in fp32)")
+        map_normalization: MapNormalization = Field(
+            "per_position",
+            description="per_position: standardise each map position with validation normals' mean/std (not in the paper; "
+            "undoes border artefacts of short training); none: the paper's raw maps",
+        )
         seed: int = Field(0, ge=0)
 
     def __init__(self, backbone: FeatureExtractor, **params: Any) -> None:
@@ -157,6 +163,7 @@ class ReverseDistillation(AnomalyModel):
             torch.manual_seed(p.seed)
             self.bottleneck = OneClassBottleneck(backbone.channels, p.blocks)
             self.decoder = ReverseDecoder(backbone.channels, p.blocks)
+        self.map_norm = PositionalMapNorm(p.map_normalization)
         self.to(module_device(backbone))
 
     def _pairs(self, images: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -207,10 +214,16 @@ class ReverseDistillation(AnomalyModel):
 
         report = fit_epochs(student, train_epoch, val_loss if val is not None else None, p.epochs, p.patience, self.name)
         self.eval()
+        with torch.no_grad():
+            self.map_norm.calibrate(self.anomaly_maps, val, p.batch_size, device, self.name)
         return report
+
+    def normalized_maps(self, images: torch.Tensor) -> torch.Tensor:
+        """images (B, C, H, W) → `anomaly_maps` after the validation-fitted normalisation (B, H, W)."""
+        return self.map_norm(self.anomaly_maps(images))
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         check_images(images, self.name)
         self.eval()
-        return predict_in_batches(self.anomaly_maps, images, self.p.batch_size, module_device(self.backbone))
+        return predict_in_batches(self.normalized_maps, images, self.p.batch_size, module_device(self.backbone))

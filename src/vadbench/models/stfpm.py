@@ -16,6 +16,7 @@ from pydantic import Field
 
 from vadbench.backbones import FeatureExtractor, build_feature_net
 from vadbench.models.base import AnomalyModel, register_model
+from vadbench.models.components.map_normalization import MapNormalization, PositionalMapNorm
 from vadbench.models.components.epoch_loop import fit_epochs, minibatches
 from vadbench.models.components.patch_features import module_device
 from vadbench.models.components.training import (
@@ -48,6 +49,11 @@ class STFPM(AnomalyModel):
         patience: int = Field(5, ge=0, description="stop after this many epochs without val improvement; 0 = never")
         map_aggregation: Literal["product", "sum"] = Field("product", description="how layer maps combine")
         amp: bool = Field(False, description="fp16 autocast on CUDA (the paper trains in fp32)")
+        map_normalization: MapNormalization = Field(
+            "per_position",
+            description="per_position: standardise each map position with validation normals' mean/std (not in the paper; "
+            "undoes border artefacts of short training); none: the paper's raw maps",
+        )
         seed: int = Field(0, ge=0)
 
     def __init__(self, backbone: FeatureExtractor, **params: Any) -> None:
@@ -59,6 +65,7 @@ class STFPM(AnomalyModel):
             torch.manual_seed(p.seed)
             self.student = build_feature_net(backbone.arch, p.layers)
         self.student.to(module_device(backbone))
+        self.map_norm = PositionalMapNorm(p.map_normalization)
 
     def _pairs(self, images: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """images (B, C, H, W) → per layer (t̂, ŝ), each (B, C_l, h_l, w_l), unit-norm along channels."""
@@ -108,10 +115,16 @@ class STFPM(AnomalyModel):
 
         report = fit_epochs(self.student, train_epoch, val_loss if val is not None else None, p.epochs, p.patience, "stfpm")
         self.eval()
+        with torch.no_grad():
+            self.map_norm.calibrate(self.anomaly_maps, val, p.batch_size, device, self.name)
         return report
+
+    def normalized_maps(self, images: torch.Tensor) -> torch.Tensor:
+        """images (B, C, H, W) → `anomaly_maps` after the validation-fitted normalisation (B, H, W)."""
+        return self.map_norm(self.anomaly_maps(images))
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         check_images(images, self.name)
         self.eval()
-        return predict_in_batches(self.anomaly_maps, images, self.p.batch_size, module_device(self.backbone))
+        return predict_in_batches(self.normalized_maps, images, self.p.batch_size, module_device(self.backbone))
