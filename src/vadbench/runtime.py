@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -34,3 +36,21 @@ def set_deterministic(enabled: bool = True) -> None:
     if torch.backends.cudnn.is_available():
         torch.backends.cudnn.benchmark = not enabled
         torch.backends.cudnn.deterministic = enabled
+
+
+@contextmanager
+def intra_op_threads(n: int, device: torch.device) -> Iterator[None]:
+    """On CPU, run the block with at most `n` torch intra-op threads, then restore the previous count.
+
+    For loops of tiny ops (CFlow's 256-fiber MLP steps) waking OpenMP threads costs more than the
+    threads save, most of all with OMP_WAIT_POLICY=PASSIVE. No effect on CUDA devices.
+    """
+    before = torch.get_num_threads()
+    if device.type != "cpu" or n >= before:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -37,6 +37,7 @@ from vadbench.models.components.training import (
     mean_over_batches,
     predict_in_batches,
 )
+from vadbench.runtime import intra_op_threads
 from vadbench.schema import StrictModel
 
 
@@ -195,9 +196,12 @@ class CFlow(AnomalyModel):
             self.decoders.eval()
             return mean_over_batches(self.loss, val_feats, p.batch_size, device)
 
-        report = fit_epochs(self.decoders, train_epoch, val_loss if val is not None else None, p.epochs, p.patience, self.name)
-        self.eval()
-        self._set_reference(val_feats if val_feats is not None else train_feats, device)
+        # 256-fiber steps are too small to split over threads: on 2 CPU cores one thread trains 1.7x faster
+        # (3 epochs: 14.4 s → 8.3 s with OMP_WAIT_POLICY=PASSIVE); results are deterministic either way
+        with intra_op_threads(1, device):
+            report = fit_epochs(self.decoders, train_epoch, val_loss if val is not None else None, p.epochs, p.patience, self.name)
+            self.eval()
+            self._set_reference(val_feats if val_feats is not None else train_feats, device)
         report["ref_log_prob"] = self.ref_log_prob.tolist()
         return report
 

@@ -144,10 +144,14 @@ def render_markdown(quality: pd.DataFrame, costs: pd.DataFrame) -> str:
         parts.append("\n### Image AUROC / pixel AUROC (model × backbone)\n")
         pivot = q.pivot(index="model", columns="backbone", values="image_auroc")
         pix = q.pivot(index="model", columns="backbone", values="pixel_auroc")
+        # backbone "none" (pixel models) last; "—" where the grid has no such cell, "n/a" for a missing metric
+        pivot = pivot[sorted(pivot.columns, key=lambda b: (b == "none", b))]
+        cells = set(zip(q["model"], q["backbone"]))
         table = pivot.copy().astype(object)
         for model in table.index:
             for bb in table.columns:
-                table.loc[model, bb] = f"{_fmt(pivot.loc[model, bb])} / {_fmt(pix.loc[model, bb])}"
+                has = (model, bb) in cells
+                table.loc[model, bb] = f"{_fmt(pivot.loc[model, bb])} / {_fmt(pix.loc[model, bb])}" if has else "—"
         parts.append(markdown_table(table.reset_index()))
         deltas = delta_table(q)
         parts.append("\n### Δ fractal vs other weight sources (positive = fractal better)\n")
