@@ -16,7 +16,8 @@ def plot_auroc_bars(quality: pd.DataFrame, out_png: Path) -> None:
     fig, axes = plt.subplots(len(datasets), 1, figsize=(max(6, 0.9 * quality.groupby("dataset").size().max() + 2), 3.2 * len(datasets)), squeeze=False)
     for ax, dataset in zip(axes[:, 0], datasets):
         q = quality[quality["dataset"] == dataset].sort_values(["model", "backbone"], kind="stable")
-        labels = [f"{m}\n{b}" for m, b in zip(q["model"], q["backbone"])]
+        # long names (reverse_distillation) break at "_" so neighbouring tick labels do not overlap
+        labels = ["\n".join([*m.split("_"), b]) for m, b in zip(q["model"], q["backbone"])]
         x = np.arange(len(q))
         img = q["image_auroc"].astype(float).fillna(0).to_numpy()
         pix = q["pixel_auroc"].astype(float).fillna(0).to_numpy()
