@@ -214,8 +214,7 @@ class ReverseDistillation(AnomalyModel):
 
         report = fit_epochs(student, train_epoch, val_loss if val is not None else None, p.epochs, p.patience, self.name)
         self.eval()
-        with torch.no_grad():
-            self.map_norm.calibrate(self.anomaly_maps, val, p.batch_size, device, self.name)
+        self.map_norm.calibrate(self.anomaly_maps, val, p.batch_size, device, self.name)  # runs under no_grad
         return report
 
     def normalized_maps(self, images: torch.Tensor) -> torch.Tensor:

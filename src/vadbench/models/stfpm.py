@@ -115,8 +115,7 @@ class STFPM(AnomalyModel):
 
         report = fit_epochs(self.student, train_epoch, val_loss if val is not None else None, p.epochs, p.patience, "stfpm")
         self.eval()
-        with torch.no_grad():
-            self.map_norm.calibrate(self.anomaly_maps, val, p.batch_size, device, self.name)
+        self.map_norm.calibrate(self.anomaly_maps, val, p.batch_size, device, self.name)  # runs under no_grad
         return report
 
     def normalized_maps(self, images: torch.Tensor) -> torch.Tensor:
