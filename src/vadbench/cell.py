@@ -6,7 +6,9 @@ sees only the train and val splits; the test split is loaded by `score_cell` alo
 
 from __future__ import annotations
 
+import csv
 import json
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,7 +17,7 @@ import numpy as np
 import torch
 
 from vadbench.backbones import load_feature_extractor
-from vadbench.data.manifest import ImageSet, load_split
+from vadbench.data.source import ImageSource, loader, to_float
 from vadbench.io import atomic_dir
 from vadbench.metrics import cost
 from vadbench.metrics.image import image_metrics, pr_points, roc_points
@@ -56,8 +58,8 @@ def seed_dir(root: Path, seed: int) -> Path:
     return Path(root) / f"seed-{seed}"
 
 
-def _load(inputs: CellInputs, split: str) -> ImageSet:
-    return load_split(inputs.dataset_dir, split, image_size=inputs.image_size, center_crop=inputs.center_crop)
+def _source(inputs: CellInputs, split: str) -> ImageSource:
+    return ImageSource(inputs.dataset_dir, split, image_size=inputs.image_size, center_crop=inputs.center_crop)
 
 
 def _backbone_for(model_name: str, hparams: dict[str, Any], inputs: CellInputs, device: torch.device):
@@ -99,7 +101,7 @@ def fit_cell(
     """
     dev = select_device(device)
     set_deterministic(True)
-    train, val = _load(inputs, "train"), _load(inputs, "val")
+    train, val = _source(inputs, "train"), _source(inputs, "val")
     if len(train) == 0:
         raise ValueError(f"{inputs.dataset_dir}: the train split is empty")
     if np.any(train.labels != 0) or np.any(val.labels != 0):
@@ -111,7 +113,7 @@ def fit_cell(
             seed_everything(seed)
             model = create_model(model_name, backbone=backbone, **_with_seed(model_name, hparams, seed)).to(dev)
             with cost.PeakMemory() as mem, cost.Stopwatch() as watch:
-                report = model.fit(train.images.to(dev), val.images.to(dev) if len(val) else None)
+                report = model.fit(train, val if len(val) else None)
             target = seed_dir(tmp, seed)
             target.mkdir()
             model.save(target / MODEL_FILE)
@@ -135,23 +137,38 @@ def fit_cell(
 
 
 @torch.no_grad()
-def predict_batched(
-    model: AnomalyModel, images: torch.Tensor, batch_size: int, device: torch.device
-) -> tuple[np.ndarray, np.ndarray]:
-    """Run `model.predict` over `images` in batches → (scores (N,), maps (N,H,W)) as float32 numpy."""
-    scores, maps = [], []
-    for start in range(0, len(images), batch_size):
-        s, m = model.predict(images[start : start + batch_size].to(device))
-        scores.append(s.float().cpu().numpy())
-        maps.append(m.float().cpu().numpy())
-    h, w = images.shape[-2:]
-    if not scores:
-        return np.zeros(0, np.float32), np.zeros((0, h, w), np.float32)
-    return np.concatenate(scores), np.concatenate(maps)
+def predict_stream(
+    model: AnomalyModel,
+    source: ImageSource,
+    batch_size: int,
+    device: torch.device,
+    maps_out: np.ndarray | None = None,
+) -> np.ndarray:
+    """Stream `source` through `model.predict` → scores (N,) float32; maps go into `maps_out` (N, H, W)
+    batch by batch when given (a memory-mapped array: memory stays one batch whatever N is)."""
+    scores = np.zeros(len(source), np.float32)
+    start = 0
+    for batch in loader(source, batch_size, pin_memory=device.type == "cuda"):
+        s, m = model.predict(to_float(batch, device))
+        stop = start + len(batch)
+        scores[start:stop] = s.float().cpu().numpy()
+        if maps_out is not None:
+            maps_out[start:stop] = m.float().cpu().numpy()
+        start = stop
+    return scores
 
 
-def _quality(model: AnomalyModel, test: ImageSet, scores, maps, val_scores, settings: ScoreSettings) -> dict[str, Any]:
-    """Image metrics + pixel metrics (or n/a with the reason) of one seed's predictions."""
+def _memmap(path: Path, shape: tuple[int, ...], dtype: type) -> np.ndarray:
+    return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+
+
+def _quality(
+    model: AnomalyModel, test: ImageSource, scores, gt_maps, gt_masks, val_scores, settings: ScoreSettings
+) -> dict[str, Any]:
+    """Image metrics + pixel metrics (or n/a with the reason) of one seed's predictions.
+
+    gt_maps / gt_masks (n_gt, H, W): the maps and masks of the test images with pixel ground truth, in
+    order (memory-mapped; the pixel metrics read them chunk by chunk)."""
     image = image_metrics(scores, test.labels, val_scores, settings.threshold_quantile)
     with_gt = test.has_mask
     if not model.has_pixel_maps:
@@ -159,7 +176,7 @@ def _quality(model: AnomalyModel, test: ImageSet, scores, maps, val_scores, sett
     elif not np.any(test.labels[with_gt] == 1):
         pixel = _na_pixel("no pixel ground truth for the anomalous test images")
     else:
-        pixel = pixel_metrics(maps[with_gt], test.masks.numpy()[with_gt], fpr_limit=settings.aupro_fpr_limit)
+        pixel = pixel_metrics(gt_maps, gt_masks, fpr_limit=settings.aupro_fpr_limit)
     reasons = {**image.get("na_reasons", {}), **pixel.get("na_reasons", {})}
     merged = {k: v for d in (image, pixel) for k, v in d.items() if k != "na_reasons"}
     merged["na_reasons"] = reasons
@@ -207,28 +224,43 @@ def score_cell(
 
     dev = select_device(device)
     set_deterministic(True)
-    test, val = _load(inputs, "test"), _load(inputs, "val")
+    test, val = _source(inputs, "test"), _source(inputs, "val")
     if len(test) == 0:
         raise ValueError(f"{inputs.dataset_dir}: the test split is empty")
+    _, h, w = test.image_shape
+    gt_index = np.flatnonzero(test.has_mask)
+    # scratch space outside every DVC output: float32 maps for exact metrics, masks of the ground-truth images
+    scratch = tempfile.TemporaryDirectory(prefix=f"vadbench-{Path(out_dir).name}-")
+    work = Path(scratch.name)
+    gt_masks = _memmap(work / "masks.npy", (len(gt_index), h, w), np.uint8)
+    for j, i in enumerate(gt_index):
+        gt_masks[j] = test.mask(int(i)).numpy()
+    maps = _memmap(work / "maps.npy", (len(test), h, w), np.float32)
+    gt_maps = _memmap(work / "gt_maps.npy", (len(gt_index), h, w), np.float32)
     per_seed, first = [], None
     for seed in seeds:
         fit_info = json.loads((seed_dir(fit_dir, seed) / FIT_REPORT).read_text())
         backbone = _backbone_for(fit_info["model"], fit_info["hparams"], inputs, dev)
         model = load_model(seed_dir(fit_dir, seed) / MODEL_FILE, backbone=backbone, map_location=dev).to(dev)
+        target = maps if first is None else _memmap(work / "maps_seed.npy", (len(test), h, w), np.float32)
         with cost.PeakMemory() as mem, cost.Stopwatch() as watch:
-            scores, maps = predict_batched(model, test.images, settings.batch_size, dev)
-        val_scores = predict_batched(model, val.images, settings.batch_size, dev)[0] if len(val) else None
-        per_seed.append(_quality(model, test, scores, maps, val_scores, settings))
+            scores = predict_stream(model, test, settings.batch_size, dev, target)
+        for start in range(0, len(gt_index), 256):  # copy the ground-truth rows in chunks, never all at once
+            idx = gt_index[start : start + 256]
+            gt_maps[start : start + len(idx)] = target[idx]
+        val_scores = predict_stream(model, val, settings.batch_size, dev) if len(val) else None
+        per_seed.append(_quality(model, test, scores, gt_maps, gt_masks, val_scores, settings))
         if first is None:  # costs, maps and pictures come from the first seed's model
+            latency_batch = to_float(next(iter(loader(test, settings.batch_size))), dev)
             latency = cost.measure_latency(
                 lambda x: model.predict(x.to(dev)),
-                test.images[: settings.batch_size],
+                latency_batch,
                 settings.latency_warmup,
                 settings.latency_repeats,
                 settings.batch_size,
             )
-            first = (model, scores, maps, fit_info, mem, watch, latency)
-    model, scores, maps, fit_info, mem, watch, latency = first
+            first = (model, scores, fit_info, mem, watch, latency)
+    model, scores, fit_info, mem, watch, latency = first
     metrics = _over_seeds(per_seed)
     metrics.update(
         seeds=list(seeds),
@@ -257,15 +289,15 @@ def score_cell(
         _write_scores(tmp / SCORES, test, scores)
         _write_curve(tmp / "roc.csv", roc, ("fpr", "tpr"))
         _write_curve(tmp / "pr.csv", pr, ("recall", "precision"))
-        np.save(tmp / MAPS, maps.astype(np.float16))
+        _save_fp16(tmp / MAPS, maps)
         (tmp / METRICS).write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
         (tmp / COSTS).write_text(json.dumps(costs, indent=2, sort_keys=True) + "\n")
     with atomic_dir(report_dir) as tmp:
         _write_curve(tmp / "roc.csv", roc, ("fpr", "tpr"))
         _write_curve(tmp / "pr.csv", pr, ("recall", "precision"))
         render_gallery(
-            test.images.numpy(),
-            test.masks.numpy(),
+            _LazyImages(test),
+            _LazyMasks(test),
             maps if has_maps else None,
             scores,
             test.labels,
@@ -273,13 +305,41 @@ def score_cell(
             per_group=gallery_size,
             title=out_dir.name,
         )
+    del maps, gt_maps, gt_masks
+    scratch.cleanup()
     return {"metrics": metrics, "costs": costs}
 
 
-def _write_scores(path: Path, test: ImageSet, scores: np.ndarray) -> None:
-    lines = ["path,label,defect_type,score"]
-    lines += [f"{p},{int(y)},{d},{s:.6g}" for p, y, d, s in zip(test.paths, test.labels, test.defect_types, scores)]
-    path.write_text("\n".join(lines) + "\n")
+def _save_fp16(path: Path, maps: np.ndarray, chunk: int = 256) -> None:
+    """maps (N, H, W) float32 (memory-mapped) → ``path`` as a float16 .npy, `chunk` maps at a time."""
+    out = _memmap(path, maps.shape, np.float16)
+    for start in range(0, len(maps), chunk):
+        out[start : start + chunk] = maps[start : start + chunk]
+    out.flush()
+    del out
+
+
+class _LazyImages:
+    """``obj[i]`` → image i of a source as float (C, H, W) in [0, 1]: the gallery decodes only what it shows."""
+
+    def __init__(self, source: ImageSource) -> None:
+        self.source = source
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.source[int(i)].numpy().astype(np.float32) / 255.0
+
+
+class _LazyMasks(_LazyImages):
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.source.mask(int(i)).numpy()
+
+
+def _write_scores(path: Path, test: ImageSource, scores: np.ndarray) -> None:
+    with open(path, "w", newline="") as fh:  # csv quoting: a file name may hold commas or quotes
+        writer = csv.writer(fh, lineterminator="\n")
+        writer.writerow(("path", "label", "defect_type", "score"))
+        for p, y, d, s in zip(test.paths, test.labels, test.defect_types, scores):
+            writer.writerow((p, int(y), d, f"{s:.6g}"))
 
 
 def _write_curve(path: Path, points: list[dict[str, float]], columns: tuple[str, str]) -> None:

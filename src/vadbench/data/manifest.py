@@ -114,26 +114,6 @@ def mvtec_layout_rows(root: Path, *, val_dir: str = "val") -> list[ManifestRow]:
     return rows
 
 
-def _load_image(path: Path, channels: int, size: int | None) -> np.ndarray:
-    with Image.open(path) as im:
-        im = im.convert("L" if channels == 1 else "RGB")
-        if size is not None and im.size != (size, size):
-            im = im.resize((size, size), Image.Resampling.BILINEAR)
-        arr = np.asarray(im, dtype=np.uint8)
-    return arr[None] if channels == 1 else arr.transpose(2, 0, 1)
-
-
-def _load_mask(path: Path, size: int | None, shape: tuple[int, int]) -> np.ndarray:
-    with Image.open(path) as im:
-        im = im.convert("L")
-        if size is not None and im.size != (size, size):
-            im = im.resize((size, size), Image.Resampling.NEAREST)
-        arr = np.asarray(im)
-    if arr.shape != shape:
-        raise ValueError(f"mask {path} has shape {arr.shape}, its image {shape}")
-    return (arr >= 128).astype(np.uint8)  # non-binary masks: threshold at half range
-
-
 def load_split(
     root: Path,
     split: str,
@@ -142,52 +122,20 @@ def load_split(
     channels: int | None = None,
     center_crop: int | None = None,
 ) -> ImageSet:
-    """Load every image of `split` from a prepared dataset, resized to `image_size` (None: as stored).
+    """Every image of `split` stacked into one float tensor: for tests and small tools only.
 
-    `channels` None → 1 if every image of the dataset is grey, else 3.
-    `center_crop` None → the dataset's own choice (``center_crop`` in its info.json, written by
-    prepare; no crop when absent); an int → crop the (resized) images and masks to that square.
+    Stages and models stream the split instead (`vadbench.data.source.ImageSource`); arguments as there.
     """
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    root = Path(root)
-    rows = [r for r in read_manifest(root) if r.split == split]
-    if channels is None:
-        channels = dataset_channels(root)
-    if center_crop is None:
-        center_crop = dataset_center_crop(root)
-    imgs, masks, has_mask = [], [], []
-    for r in rows:
-        img = _load_image(root / r.path, channels, image_size)
-        hw = img.shape[1:]
-        if r.mask_path:
-            mask = _load_mask(root / r.mask_path, image_size, hw)
-        else:
-            mask = np.zeros(hw, dtype=np.uint8)
-        if center_crop is not None:
-            img = _center_crop(img, center_crop, root / r.path)
-            mask = _center_crop(mask[None], center_crop, root / r.path)[0]
-        masks.append(mask)
-        has_mask.append(bool(r.mask_path) or r.label == 0)
-        imgs.append(img)
-    if imgs:
-        shapes = {i.shape for i in imgs}
-        if len(shapes) > 1:
-            raise ValueError(f"{root} split {split}: images differ in size {sorted(shapes)}; set image_size")
-        images = torch.from_numpy(np.stack(imgs)).float().div_(255.0)
-        mask_t = torch.from_numpy(np.stack(masks))
-    else:
-        side = center_crop or image_size or 0
-        images = torch.zeros((0, channels, side, side))
-        mask_t = torch.zeros((0, side, side), dtype=torch.uint8)
-    return ImageSet(
-        images=images,
-        masks=mask_t,
-        labels=np.array([r.label for r in rows], dtype=np.int64),
-        has_mask=np.array(has_mask, dtype=bool),
-        defect_types=[r.defect_type for r in rows],
-        paths=[r.path for r in rows],
-    )
+    from vadbench.data.source import ImageSource
+
+    src = ImageSource(root, split, image_size=image_size, channels=channels, center_crop=center_crop)
+    c, h, w = src.image_shape
+    images = torch.zeros((len(src), c, h, w))
+    masks = torch.zeros((len(src), h, w), dtype=torch.uint8)
+    for i in range(len(src)):
+        images[i] = src[i].float().div_(255.0)
+        masks[i] = src.mask(i)
+    return ImageSet(images, masks, src.labels, src.has_mask, src.defect_types, src.paths)
 
 
 def dataset_channels(root: Path) -> int:
@@ -197,15 +145,6 @@ def dataset_channels(root: Path) -> int:
         raise ValueError(f"{root}/{MANIFEST} lists no images")
     with Image.open(Path(root) / rows[0].path) as im:
         return 1 if im.mode in ("L", "I", "I;16", "1", "F") else 3
-
-
-def _center_crop(arr: np.ndarray, size: int, path: Path) -> np.ndarray:
-    """(C, H, W) → (C, size, size), centred (extra odd pixel goes to the bottom/right)."""
-    h, w = arr.shape[1:]
-    if size > h or size > w:
-        raise ValueError(f"{path}: center_crop {size} is larger than the image ({h}x{w}); lower center_crop")
-    top, left = (h - size) // 2, (w - size) // 2
-    return arr[:, top : top + size, left : left + size]
 
 
 def dataset_center_crop(root: Path) -> int | None:

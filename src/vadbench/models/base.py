@@ -1,11 +1,19 @@
 """The one small interface every anomaly-detection method implements, and the name registry.
 
-A model is a plain ``torch.nn.Module``. It is fitted on normal images only::
+A model is a plain ``torch.nn.Module``. It is fitted on normal images only, from streams::
 
     model = create_model("patchcore", backbone=feature_extractor, **params)
-    report = model.fit(train_images, val_images)      # (N, C, H, W) float in [0, 1]
-    scores, maps = model.predict(test_images)         # (N,), (N, H, W) at input resolution
+    report = model.fit(train_source, val_source)      # sized, indexable sources of uint8 (C, H, W) images
+    scores, maps = model.predict(batch)               # one batch (B, C, H, W) float in [0, 1] → (B,), (B, H, W)
     model.save(path); model = load_model(path, backbone=feature_extractor)
+
+The data contract (``vadbench.data.source``): `fit` receives image sources (`ImageSource` for a prepared
+split, `TensorSource` around a tensor — a tensor passed to `fit` is wrapped so), never a whole split as
+one float tensor. A model iterates them batch by batch (`float_batches`, or the shared training loop
+`components.trainer.train`), so its memory does not grow with the number of images unless the method
+itself needs it (a PatchCore bank, under its memory budget). `predict` sees one batch already on the
+model's device; the score stage streams the test split through it and writes maps incrementally.
+The feature extractor returns ``{layer name: map}``: models pick their layers by name.
 
 Validation images are normals carved from train: a model may use them for early stopping or
 normalisation, never the test split. Saved files hold only what the model itself learned (the
@@ -21,6 +29,7 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 
 from vadbench.io import atomic_path
 from vadbench.schema import StrictModel
@@ -52,13 +61,13 @@ class AnomalyModel(nn.Module):
         self.p = self.Params.model_validate_json(json.dumps(hparams))
         self.hparams = self.p.model_dump(mode="json")
 
-    def fit(self, train: torch.Tensor, val: torch.Tensor | None = None) -> dict[str, Any]:
-        """Learn from normal images; return a small JSON-able report (epochs run, losses, ...)."""
+    def fit(self, train: Dataset | torch.Tensor, val: Dataset | torch.Tensor | None = None) -> dict[str, Any]:
+        """Learn from normal image sources (uint8 (C, H, W) items); return a small JSON-able report."""
         raise NotImplementedError
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """images (N, C, H, W) in [0, 1] → (scores (N,), maps (N, H, W)), both float32 on CPU."""
+        """One batch (B, C, H, W) float in [0, 1] → (scores (B,), maps (B, H, W)), both float32 on CPU."""
         raise NotImplementedError
 
     # -- persistence -----------------------------------------------------------------------

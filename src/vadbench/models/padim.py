@@ -18,9 +18,12 @@ from typing import Any
 import torch
 from pydantic import Field
 
-from vadbench.backbones import FeatureExtractor
+from torch.utils.data import Dataset
+
+from vadbench.backbones import FeatureExtractor, pick
+from vadbench.data.source import as_source, float_batches
 from vadbench.models.base import AnomalyModel, register_model
-from vadbench.models.components.patch_features import concat_layers, module_device, select_layers
+from vadbench.models.components.patch_features import concat_layers, module_device
 from vadbench.models.components.smoothing import upsample_and_smooth
 from vadbench.schema import StrictModel
 
@@ -49,26 +52,30 @@ class PaDiM(AnomalyModel):
     def _embed(self, images: torch.Tensor) -> torch.Tensor:
         """images (B, C, H, W) → (B, d, h, w): concatenated layers, kept channels only."""
         x = images.to(module_device(self.backbone), torch.float32)
-        emb = concat_layers(select_layers(self.backbone, x, self.p.layers), mode="nearest")
+        emb = concat_layers(pick(self.backbone(x), self.p.layers), mode="nearest")
         return emb.index_select(1, self.channel_idx.to(emb.device))
 
     @torch.no_grad()
-    def fit(self, train: torch.Tensor, val: torch.Tensor | None = None) -> dict[str, Any]:
-        """Per-position Gaussians from normal `train` images (N, C, H, W), N ≥ 2; `val` is not needed."""
-        if train.ndim != 4 or train.shape[0] < 2:
-            raise ValueError(f"train must be (N, C, H, W) with N ≥ 2 (a covariance), got {tuple(train.shape)}")
+    def fit(self, train: Dataset | torch.Tensor, val: Dataset | torch.Tensor | None = None) -> dict[str, Any]:
+        """Per-position Gaussians from a stream of normal images (N ≥ 2); `val` is not needed.
+
+        One pass, one batch in memory: Σx and Σxxᵀ per position accumulate in float64, so the moments
+        equal those of the whole split at once up to float64 rounding, whatever N is."""
+        train = as_source(train)
+        if len(train) < 2:
+            raise ValueError(f"padim: need at least 2 train images for a covariance, got {len(train)}")
         t0 = time.perf_counter()
         device = module_device(self.backbone)
-        total = sum(self._layer_channels())
+        total = sum(self.backbone.channels_of(self.p.layers))
         if self.p.n_features > total:
             raise ValueError(f"models.padim.n_features={self.p.n_features} exceeds the {total} channels of {self.p.layers}")
         gen = torch.Generator().manual_seed(self.p.seed)
         self.channel_idx = torch.randperm(total, generator=gen)[: self.p.n_features].sort().values.to(device)
 
-        n = train.shape[0]
+        n = len(train)
         s1 = s2 = None  # Σx (P, d) and Σxxᵀ (P, d, d), float64
-        for start in range(0, n, self.p.batch_size):
-            emb = self._embed(train[start : start + self.p.batch_size])  # (B, d, h, w)
+        for batch in float_batches(train, self.p.batch_size, device):
+            emb = self._embed(batch)  # (B, d, h, w)
             b, d, h, w = emb.shape
             x = emb.permute(2, 3, 0, 1).reshape(h * w, b, d).double()  # (P, B, d)
             if s1 is None:
@@ -89,13 +96,6 @@ class PaDiM(AnomalyModel):
             "fit_seconds": round(time.perf_counter() - t0, 3),
         }
 
-    def _layer_channels(self) -> list[int]:
-        built = list(self.backbone.layers)
-        missing = [name for name in self.p.layers if name not in built]
-        if missing:
-            raise ValueError(f"backbone extractor was built with layers {built}, PaDiM needs {self.p.layers}")
-        return [self.backbone.channels[built.index(name)] for name in self.p.layers]
-
     def mahalanobis(self, emb: torch.Tensor) -> torch.Tensor:
         """emb (B, d, h, w) → (B, h, w): sqrt((x − μ)ᵀ Σ⁻¹ (x − μ)) at every position."""
         b, d, h, w = emb.shape
@@ -105,7 +105,7 @@ class PaDiM(AnomalyModel):
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """images (N, C, H, W) in [0, 1] → (scores (N,), maps (N, H, W)), float32 on CPU."""
+        """One batch (B, C, H, W) in [0, 1] → (scores (B,), maps (B, H, W)), float32 on CPU."""
         if self.inv_covariance.numel() == 0:
             raise RuntimeError("PaDiM is not fitted: call fit() or load_model() first")
         device = module_device(self.backbone)
