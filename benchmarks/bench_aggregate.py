@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vadbench.layout import measured_fit, measured_score
 from vadbench.report.aggregate import Cell, aggregate
 
 RESULTS = Path(__file__).parent / "results" / "aggregate.md"
@@ -38,10 +39,14 @@ def make_cells(root: Path, n_datasets: int, rng: np.random.Generator) -> list[Ce
                 quality = {k: float(rng.uniform(0.5, 1.0)) for k in (
                     "image_auroc", "image_aupr", "image_f1_max", "image_f1",
                     "pixel_auroc", "pixel_aupr", "pixel_f1_max", "pixel_aupro")}
-                (out / "metrics.json").write_text(json.dumps({**quality, "seeds": [0], "image_size": 128}))
-                costs = {"fit_seconds": 1.0, "latency_ms": 5.0, "throughput_ips": 100.0, "fit_peak_rss_mb": 900.0,
-                         "score_peak_rss_mb": 800.0, "parameters": 11_000_000, "model_bytes": 10**6, "device": "cpu"}
-                (out / "costs.json").write_text(json.dumps(costs))
+                (out / "metrics.json").write_text(json.dumps({**quality, "seeds": [0], "image_size": 128,
+                                                              "parameters": 11_000_000, "model_bytes": 10**6}))
+                fit = {"0": {"fit_seconds": 1.0, "fit_peak_rss_mb": 900.0, "device": "cpu"}}
+                score = {"latency_ms": 5.0, "throughput_ips": 100.0, "score_peak_rss_mb": 800.0, "device": "cpu"}
+                for path, obj in ((measured_fit(root.parent / "measured", cell.name), fit),
+                                  (measured_score(root.parent / "measured", cell.name), score)):
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    path.write_text(json.dumps(obj))
                 fpr = np.sort(rng.random(200))
                 tpr = np.sort(rng.random(200))
                 (out / "roc.csv").write_text("fpr,tpr\n" + "".join(f"{a:.6f},{b:.6f}\n" for a, b in zip(fpr, tpr)))
@@ -61,7 +66,8 @@ def main() -> None:
         cells = make_cells(root / "scores", args.datasets, np.random.default_rng(0))
         for r in range(args.repeats):
             start = time.perf_counter()
-            aggregate(cells, scores_dir=root / "scores", metrics_dir=root / f"m{r}", reports_dir=root / f"r{r}")
+            aggregate(cells, scores_dir=root / "scores", metrics_dir=root / f"m{r}", reports_dir=root / f"r{r}",
+                      measured_dir=root / "measured")
             times.append(time.perf_counter() - start)
     median = statistics.median(times)
     rows = [("cells", str(len(cells))), ("repeats", str(args.repeats)),

@@ -52,7 +52,7 @@ def run_repro(project: Path) -> tuple[float, list[tuple[str, float]]]:
 
 
 def cell_rows(project: Path) -> list[str]:
-    costs = json.loads((project / "metrics" / "costs.json").read_text())
+    costs = json.loads((project / "metrics" / "measured" / "costs.json").read_text())
     quality = json.loads((project / "metrics" / "summary.json").read_text())
     rows = []
     for dataset, models in costs.items():
@@ -88,7 +88,7 @@ def main() -> None:
             "| stage | wall s |",
             "|---|---|",
             *[f"| {name} | {sec:.1f} |" for name, sec in stages],
-            "\n## Cells (from metrics/costs.json and metrics/summary.json)\n",
+            "\n## Cells (from metrics/measured/costs.json and metrics/summary.json)\n",
             "| dataset | model | backbone | image AUROC | pixel AUROC | fit s | latency ms | fit peak RSS MB | params M |",
             "|---|---|---|---|---|---|---|---|---|",
             *cell_rows(project),

@@ -1,7 +1,6 @@
 """DVC stage aggregate: leaderboard, pivots, Δ-tables, summary metrics and overview plots."""
 
-from pathlib import Path
-
+from vadbench import layout
 from vadbench.cli import stage_main
 from vadbench.config import NO_BACKBONE, Params
 from vadbench.report.aggregate import Cell, aggregate
@@ -9,7 +8,8 @@ from vadbench.report.aggregate import Cell, aggregate
 
 def run(params: Params) -> None:
     cells = [Cell(d, m, b, NO_BACKBONE if b == NO_BACKBONE else params.backbones[b].init) for d, m, b in params.run.cells()]
-    aggregate(cells, scores_dir=Path("data/scores"), metrics_dir=Path("metrics"), reports_dir=Path("reports"))
+    aggregate(cells, scores_dir=layout.SCORES, metrics_dir=layout.METRICS, reports_dir=layout.REPORTS,
+              measured_dir=layout.MEASURED)
 
 
 if __name__ == "__main__":

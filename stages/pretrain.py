@@ -8,6 +8,7 @@ torchrun the stage never relaunches. Interrupted runs resume from data/.pretrain
 import subprocess
 from pathlib import Path
 
+from vadbench import layout
 from vadbench.cli import stage_main
 from vadbench.config import Params
 from vadbench.pretrain.dist import torchrun_command, under_torchrun
@@ -30,6 +31,7 @@ def run(params: Params) -> None:
         p,
         seed=params.seed,
         device=params.device,
+        timing_path=layout.MEASURED_PRETRAIN,
     )
 
 

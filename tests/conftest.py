@@ -19,7 +19,8 @@ def _line_image(rng: np.random.Generator, size: int) -> np.ndarray:
     lines = (((x + offset) % pitch) < pitch // 2).astype(np.float32)
     img = 0.25 + 0.5 * np.tile(lines, (size, 1))
     img += rng.normal(0, 0.03, (size, size)).astype(np.float32)
-    return np.clip(img, 0, 1)
+    # 8-bit, as every prepared dataset is: the streaming sources carry uint8, so tensors and streams agree
+    return np.round(np.clip(img, 0, 1) * 255) / 255
 
 
 def make_toy_defect_data(n_train: int = 24, n_test: int = 16, size: int = 64, seed: int = 0):

@@ -14,6 +14,7 @@ from pydantic import ValidationError
 from sklearn.metrics import roc_auc_score
 
 from vadbench.backbones import load_feature_extractor
+from vadbench.data.source import TensorSource
 from vadbench.models import create_model, load_model
 from vadbench.models.padim import PaDiM
 
@@ -55,7 +56,7 @@ def test_shapes(fitted, toy_defect_data):
 def _embeddings(model: PaDiM, images: torch.Tensor) -> np.ndarray:
     """(N, d, 16, 16) float64: layers resized by pixel repetition (nearest), kept channels — written out."""
     feats = model.backbone(images)  # layer1 (16²), layer2 (8²), layer3 (4²)
-    full = torch.cat([f.repeat_interleave(16 // f.shape[-1], -1).repeat_interleave(16 // f.shape[-2], -2) for f in feats], 1)
+    full = torch.cat([f.repeat_interleave(16 // f.shape[-1], -1).repeat_interleave(16 // f.shape[-2], -2) for f in feats.values()], 1)
     return full[:, model.channel_idx].double().numpy()
 
 
@@ -105,6 +106,19 @@ def test_determinism_and_seed(fitted, extractor, toy_defect_data):
     assert not torch.equal(other.channel_idx, model.channel_idx[:20])
 
 
+def test_streamed_fit_equals_one_batch_fit(fitted, extractor, toy_defect_data):
+    """Moments accumulated over a stream of small batches equal one batch of every image (float64 sums)."""
+    model, _, scores, _ = fitted
+    train, test = toy_defect_data[0], toy_defect_data[1]
+    whole = create_model("padim", backbone=extractor, seed=0, batch_size=len(train))
+    whole.fit(train)
+    streamed = create_model("padim", backbone=extractor, seed=0, batch_size=5)
+    streamed.fit(TensorSource((train * 255).round().to(torch.uint8)))
+    torch.testing.assert_close(streamed.mean, whole.mean, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(streamed.inv_covariance, whole.inv_covariance, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(streamed.predict(test)[0], whole.predict(test)[0], rtol=1e-5, atol=1e-5)
+
+
 def test_params_validation_and_errors(extractor, toy_defect_data):
     with pytest.raises(ValidationError, match="extra"):
         create_model("padim", backbone=extractor, n_features=10, covariance="diag")
@@ -113,7 +127,7 @@ def test_params_validation_and_errors(extractor, toy_defect_data):
             create_model("padim", backbone=extractor, **bad)
     with pytest.raises(ValueError, match="exceeds"):
         create_model("padim", backbone=extractor, n_features=449).fit(toy_defect_data[0])
-    with pytest.raises(ValueError, match="N ≥ 2"):
+    with pytest.raises(ValueError, match="at least 2 train images"):
         create_model("padim", backbone=extractor).fit(toy_defect_data[0][:1])
     with pytest.raises(RuntimeError, match="not fitted"):
         create_model("padim", backbone=extractor).predict(toy_defect_data[1][:1])

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from vadbench.layout import measured_fit, measured_score
 from vadbench.report.aggregate import Cell, aggregate
 from vadbench.report.gallery import pick_gallery_cases, render_gallery
 from vadbench.report.leaderboard import delta_table
@@ -16,6 +17,7 @@ from vadbench.report.leaderboard import delta_table
 
 def _write_cell(scores_dir: Path, cell: Cell, image_auroc: float, pixel_auroc: float | None) -> None:
     d = scores_dir / cell.name
+    measured = scores_dir.parent / "measured"
     d.mkdir(parents=True)
     metrics = {
         "image_auroc": image_auroc,
@@ -28,13 +30,18 @@ def _write_cell(scores_dir: Path, cell: Cell, image_auroc: float, pixel_auroc: f
         "pixel_aupro": None if pixel_auroc is None else 0.7,
         "image_size": 128,
         "center_crop": None,
+        "seeds": [0],
+        "parameters": 1000,
+        "model_bytes": 2000,
     }
     if pixel_auroc is None:
         metrics["na_reasons"] = {"pixel_auroc": "image-level method: no pixel anomaly maps"}
     (d / "metrics.json").write_text(json.dumps(metrics))
-    costs = {"fit_seconds": 1.5, "latency_ms": 3.0, "throughput_ips": 100.0, "fit_peak_rss_mb": 500.0,
-             "score_peak_rss_mb": 400.0, "parameters": 1000, "model_bytes": 2000, "device": "cpu"}
-    (d / "costs.json").write_text(json.dumps(costs))
+    fit = {"0": {"fit_seconds": 1.5, "fit_peak_rss_mb": 500.0, "device": "cpu"}}
+    score = {"latency_ms": 3.0, "throughput_ips": 100.0, "score_peak_rss_mb": 400.0, "device": "cpu"}
+    for path, obj in ((measured_fit(measured, cell.name), fit), (measured_score(measured, cell.name), score)):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(obj))
     pd.DataFrame({"fpr": [0, 0.5, 1], "tpr": [0, 0.9, 1]}).to_csv(d / "roc.csv", index=False)
     pd.DataFrame({"recall": [0, 0.5, 1], "precision": [1, 0.9, 0.5]}).to_csv(d / "pr.csv", index=False)
 
@@ -53,7 +60,8 @@ def cells(tmp_path):
 
 
 def test_aggregate_writes_leaderboard_and_deltas(tmp_path, cells):
-    quality = aggregate(cells, scores_dir=tmp_path / "scores", metrics_dir=tmp_path / "metrics", reports_dir=tmp_path / "reports")
+    quality = aggregate(cells, scores_dir=tmp_path / "scores", metrics_dir=tmp_path / "metrics",
+                        reports_dir=tmp_path / "reports", measured_dir=tmp_path / "measured")
     assert len(quality) == 4
     lb = pd.read_csv(tmp_path / "metrics" / "leaderboard.csv")
     assert list(lb[["model", "backbone"]].itertuples(index=False, name=None)) == [
@@ -70,12 +78,19 @@ def test_aggregate_writes_leaderboard_and_deltas(tmp_path, cells):
     assert pd.isna(deltas[deltas["model"] == "panda"].iloc[0]["pixel_auroc"])
     for png in ("leaderboard.png", "curves.png"):
         assert (tmp_path / "reports" / png).stat().st_size > 1000
+    # measurements stay out of the deterministic files; they land in the measured dir
+    assert "fit_seconds" not in md and "latency" not in (tmp_path / "metrics" / "leaderboard.csv").read_text()
+    costs = json.loads((tmp_path / "measured" / "costs.json").read_text())
+    assert costs["sem"]["patchcore"]["fractal"]["fit_seconds"] == 1.5
+    assert costs["sem"]["patchcore"]["fractal"]["parameters"] == 1000
+    assert "| patchcore | fractal | 1.5 |" in (tmp_path / "measured" / "costs.md").read_text()
 
 
 def test_aggregate_is_byte_identical_when_rerun(tmp_path, cells):
     outputs = []
     for run in ("a", "b"):
-        aggregate(cells, scores_dir=tmp_path / "scores", metrics_dir=tmp_path / run, reports_dir=tmp_path / f"r{run}")
+        aggregate(cells, scores_dir=tmp_path / "scores", metrics_dir=tmp_path / run, reports_dir=tmp_path / f"r{run}",
+                  measured_dir=tmp_path / f"m{run}")
         outputs.append({p.name: p.read_bytes() for p in [*(tmp_path / run).iterdir(), *(tmp_path / f"r{run}").iterdir()]})
     assert outputs[0] == outputs[1]
 
@@ -83,7 +98,8 @@ def test_aggregate_is_byte_identical_when_rerun(tmp_path, cells):
 def test_missing_cell_names_the_stage(tmp_path, cells):
     extra = Cell("sem", "padim", "random", "random")
     with pytest.raises(FileNotFoundError, match="score@sem-padim-random"):
-        aggregate([*cells, extra], scores_dir=tmp_path / "scores", metrics_dir=tmp_path / "m", reports_dir=tmp_path / "r")
+        aggregate([*cells, extra], scores_dir=tmp_path / "scores", metrics_dir=tmp_path / "m", reports_dir=tmp_path / "r",
+                  measured_dir=tmp_path / "measured")
 
 
 def test_gallery_picks_false_alarms_misses_and_typical_hits(tmp_path):

@@ -18,7 +18,7 @@ import torch
 
 from vadbench.backbones import load_feature_extractor
 from vadbench.data.source import ImageSource, loader, to_float
-from vadbench.io import atomic_dir
+from vadbench.io import atomic_dir, write_json
 from vadbench.metrics import cost
 from vadbench.metrics.image import image_metrics, pr_points, roc_points
 from vadbench.metrics.pixel import pixel_metrics
@@ -27,7 +27,7 @@ from vadbench.runtime import seed_everything, select_device, set_deterministic
 
 MODEL_FILE = "model.pt"
 FIT_REPORT = "fit.json"
-SCORES, MAPS, METRICS, COSTS = "scores.csv", "maps.npy", "metrics.json", "costs.json"
+SCORES, MAPS, METRICS = "scores.csv", "maps.npy", "metrics.json"
 PIXEL_KEYS = ("pixel_auroc", "pixel_aupr", "pixel_f1_max", "pixel_aupro")
 
 
@@ -86,6 +86,12 @@ def _mb(n_bytes: int | None) -> float | None:
     return None if n_bytes is None else round(n_bytes / 2**20, 1)
 
 
+def _split_measured(report: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A model's fit report → (deterministic part, timings): keys ending in ``_seconds`` are measurements."""
+    timings = {k: v for k, v in report.items() if k.endswith("_seconds")}
+    return {k: v for k, v in report.items() if k not in timings}, timings
+
+
 def fit_cell(
     inputs: CellInputs,
     model_name: str,
@@ -94,10 +100,13 @@ def fit_cell(
     *,
     seeds: list[int],
     device: str = "auto",
+    measured_path: Path | None = None,
 ) -> list[dict[str, Any]]:
     """Fit `model_name` once per seed on the train normals (val normals for early stopping only).
 
-    Writes ``out_dir/seed-<s>/{model.pt, fit.json}`` atomically; returns the per-seed summaries.
+    Writes ``out_dir/seed-<s>/{model.pt, fit.json}`` atomically (deterministic content only) and, when
+    `measured_path` is given, the seeds' seconds / peak memory / device there (`vadbench.layout`).
+    Returns the per-seed summaries (deterministic fields + measurements).
     """
     dev = select_device(device)
     set_deterministic(True)
@@ -107,13 +116,14 @@ def fit_cell(
     if np.any(train.labels != 0) or np.any(val.labels != 0):
         raise ValueError(f"{inputs.dataset_dir}: train/val splits must hold normal images only")
     backbone = _backbone_for(model_name, hparams, inputs, dev)
-    summaries = []
+    summaries, measured = [], {}
     with atomic_dir(out_dir) as tmp:
         for seed in seeds:
             seed_everything(seed)
             model = create_model(model_name, backbone=backbone, **_with_seed(model_name, hparams, seed)).to(dev)
             with cost.PeakMemory() as mem, cost.Stopwatch() as watch:
                 report = model.fit(train, val if len(val) else None)
+            report, timings = _split_measured(report)
             target = seed_dir(tmp, seed)
             target.mkdir()
             model.save(target / MODEL_FILE)
@@ -124,15 +134,21 @@ def fit_cell(
                 "n_train": len(train),
                 "n_val": len(val),
                 "fit_report": report,
-                "fit_seconds": round(watch.seconds, 3),
-                "fit_peak_rss_mb": _mb(mem.peak_rss_bytes),
-                "fit_peak_cuda_mb": _mb(mem.peak_cuda_bytes),
-                "device": _device_info(dev),
+                "torch_threads": torch.get_num_threads(),
                 "parameters": cost.count_parameters(model),
                 "model_bytes": (target / MODEL_FILE).stat().st_size,
             }
             (target / FIT_REPORT).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
-            summaries.append(summary)
+            measured[str(seed)] = {
+                "fit_seconds": round(watch.seconds, 3),
+                "fit_peak_rss_mb": _mb(mem.peak_rss_bytes),
+                "fit_peak_cuda_mb": _mb(mem.peak_cuda_bytes),
+                "device": _device_info(dev),
+                **timings,
+            }
+            summaries.append({**summary, **measured[str(seed)]})
+    if measured_path is not None:
+        write_json(Path(measured_path), measured)
     return summaries
 
 
@@ -213,12 +229,14 @@ def score_cell(
     seeds: list[int],
     device: str = "auto",
     gallery_size: int = 4,
+    measured_path: Path | None = None,
 ) -> dict[str, Any]:
     """Score the test split with every seed's model; write scores, maps, metrics, costs and plots.
 
-    `out_dir` (DVC-cached): scores.csv, maps.npy (float16), roc.csv, pr.csv (first seed),
-    metrics.json (mean over seeds, `_std`, per-seed values; deterministic), costs.json (measured).
+    `out_dir` (DVC-cached, deterministic): scores.csv, maps.npy (float16), roc.csv, pr.csv (first seed),
+    metrics.json (mean over seeds, `_std`, per-seed values, parameters, model bytes, torch threads).
     `report_dir` (git-tracked plots): roc.csv, pr.csv, gallery.png of the first seed.
+    `measured_path` (outside every output, `vadbench.layout`): latency, throughput, peak memory, device.
     """
     from vadbench.report.gallery import render_gallery
 
@@ -269,18 +287,16 @@ def score_cell(
         center_crop=inputs.center_crop,
         n_test=len(test),
         n_test_anomalous=int(test.labels.sum()),
+        parameters=fit_info["parameters"],
+        model_bytes=fit_info["model_bytes"],
+        torch_threads=torch.get_num_threads(),
     )
     costs = {
-        "fit_seconds": fit_info["fit_seconds"],
-        "fit_peak_rss_mb": fit_info["fit_peak_rss_mb"],
-        "fit_peak_cuda_mb": fit_info.get("fit_peak_cuda_mb"),
         "score_peak_rss_mb": _mb(mem.peak_rss_bytes),
         "score_peak_cuda_mb": _mb(mem.peak_cuda_bytes),
         "throughput_ips": round(len(test) / watch.seconds, 3) if watch.seconds > 0 else None,
         "latency_ms": round(latency["latency_ms_median"], 3),
         "latency_ms_p90": round(latency["latency_ms_p90"], 3),
-        "parameters": fit_info["parameters"],
-        "model_bytes": fit_info["model_bytes"],
         "device": _device_info(dev),
     }
     roc, pr = roc_points(scores, test.labels), pr_points(scores, test.labels)
@@ -291,7 +307,6 @@ def score_cell(
         _write_curve(tmp / "pr.csv", pr, ("recall", "precision"))
         _save_fp16(tmp / MAPS, maps)
         (tmp / METRICS).write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
-        (tmp / COSTS).write_text(json.dumps(costs, indent=2, sort_keys=True) + "\n")
     with atomic_dir(report_dir) as tmp:
         _write_curve(tmp / "roc.csv", roc, ("fpr", "tpr"))
         _write_curve(tmp / "pr.csv", pr, ("recall", "precision"))
@@ -307,6 +322,8 @@ def score_cell(
         )
     del maps, gt_maps, gt_masks
     scratch.cleanup()
+    if measured_path is not None:
+        write_json(Path(measured_path), costs)
     return {"metrics": metrics, "costs": costs}
 
 

@@ -33,6 +33,9 @@ def stage_main(run: Callable[..., Any], argv: list[str] | None = None, n_args: i
     except ParamsError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    import torch
+
+    torch.set_num_threads(params.threads)  # pinned: CPU results depend on the intra-op thread count
     try:
         run(params, *args)
     except USER_ERRORS as err:

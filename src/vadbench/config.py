@@ -8,6 +8,7 @@ The library itself never reads params.yaml; stages pass it typed values.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -84,9 +85,16 @@ class AggregateParams(StrictModel):
     gallery_size: int = Field(4, ge=1, le=16)
 
 
+#: dataset, model and backbone names become DVC stage names, paths and command arguments
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9_]+$")
+
+
 class Params(StrictModel):
     seed: int = Field(0, ge=0)
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    threads: int = Field(
+        2, ge=1, le=512, description="torch intra-op threads of every stage: CPU results depend on it, so it is pinned"
+    )
     run: RunGrid
     fractals: FractalsParams = FractalsParams()
     pretrain: PretrainParams = PretrainParams()
@@ -137,10 +145,15 @@ def _check_names(p: Params) -> list[str]:
             errors.append(
                 f"backbones.{name}.arch: {spec.arch!r} must equal pretrain.arch ({p.pretrain.arch!r}) for init fractal"
             )
-    for name in p.run.datasets:
-        for key in ("/", "-", "@", " "):
-            if key in name:
-                errors.append(f"run.datasets: name {name!r} may not contain {key!r} (it becomes a DVC stage name)")
+    named = [(f"run.{key}", getattr(p.run, key)) for key in ("datasets", "models", "pixel_models", "backbones")]
+    named += [(section, list(getattr(p, section))) for section in ("datasets", "backbones", "models")]
+    for where, names in named:
+        for name in names:
+            if not NAME_PATTERN.match(name):
+                errors.append(
+                    f"{where}: name {name!r} must match {NAME_PATTERN.pattern} (letters, digits, underscore: "
+                    "it becomes a DVC stage name, a path and a command argument)"
+                )
     return errors
 
 

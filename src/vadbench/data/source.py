@@ -32,7 +32,7 @@ def _decode(path: Path, channels: int, size: int | None, crop: int | None) -> np
             im = im.convert("L" if channels == 1 else "RGB")
             if size is not None and im.size != (size, size):
                 im = im.resize((size, size), Image.Resampling.BILINEAR)
-            arr = np.asarray(im, dtype=np.uint8)
+            arr = np.array(im, dtype=np.uint8)  # a writable copy (torch warns on read-only arrays)
     except OSError as err:
         raise ValueError(f"{path}: cannot decode the image ({err})") from None
     arr = arr[None] if channels == 1 else arr.transpose(2, 0, 1)

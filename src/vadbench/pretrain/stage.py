@@ -3,7 +3,8 @@
 Outputs (rank 0 only, each written atomically):
   <out_dir>/weights.safetensors  full timm state dict (classifier included; features_only drops it)
   <out_dir>/card.json            BackboneCard: arch, init "fractal", mean/std used in training, extra
-  <out_dir>/timing.json          throughput (kept out of card/metrics so those stay deterministic)
+  <timing_path>                  throughput, device, thread count (a measurement: outside the cached output,
+                                 metrics/measured/ in the pipeline, so data/pretrain stays byte-identical)
   <metrics_path>                 final/best val top-1, chance level, sizes (deterministic)
   <log_path>                     per-epoch CSV: epoch,train_loss,train_top1,val_top1,lr
 """
@@ -15,6 +16,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import torch
 from safetensors.torch import save_file
 
 from vadbench.backbones.weights import CARD, WEIGHTS, BackboneCard
@@ -32,7 +34,7 @@ def _fractal_info(fractal_dir: Path) -> dict[str, Any]:
 
 
 def write_outputs(result: PretrainResult, p: PretrainParams, seed: int, fractal_dir: Path, out_dir: Path,
-                  metrics_path: Path, log_path: Path) -> BackboneCard:
+                  metrics_path: Path, log_path: Path, timing_path: Path | None = None) -> BackboneCard:
     final = result.log[-1]
     extra = dict(
         fractal_data_sha256=result.data_sha256,
@@ -47,13 +49,14 @@ def write_outputs(result: PretrainResult, p: PretrainParams, seed: int, fractal_
         save_file(result.state_dict, str(tmp / WEIGHTS))
         card.weights_sha256 = sha256_file(tmp / WEIGHTS)
         (tmp / CARD).write_text(json.dumps(card.to_json(), indent=2, sort_keys=True) + "\n")
-        (tmp / "timing.json").write_text(json.dumps(result.timing, indent=2, sort_keys=True) + "\n")
     metrics = dict(
         val_top1=final["val_top1"], best_val_top1=max(r["val_top1"] for r in result.log),
         train_top1=final["train_top1"], train_loss=final["train_loss"], chance_top1=1.0 / result.num_classes,
         epochs=p.epochs, num_classes=result.num_classes, n_train=result.n_train, n_val=result.n_val,
     )
     write_json(Path(metrics_path), metrics)
+    if timing_path is not None:
+        write_json(Path(timing_path), {**result.timing, "torch_threads": torch.get_num_threads()})
     lines = [",".join(LOG_COLUMNS)]
     lines += [",".join(str(int(r[c])) if c == "epoch" else f"{r[c]:.6g}" for c in LOG_COLUMNS) for r in result.log]
     write_text(Path(log_path), "\n".join(lines) + "\n")
@@ -62,7 +65,7 @@ def write_outputs(result: PretrainResult, p: PretrainParams, seed: int, fractal_
 
 def run_pretrain(fractal_dir: Path, out_dir: Path, metrics_path: Path, log_path: Path, work_root: Path,
                  p: PretrainParams, *, seed: int, device: str = "auto",
-                 stop_after_epoch: int | None = None) -> PretrainResult:
+                 stop_after_epoch: int | None = None, timing_path: Path | None = None) -> PretrainResult:
     """Whole stage for this process: joins torchrun's group if launched by it; rank 0 writes the outputs.
 
     The checkpoint dir is removed after a successful write (DVC caches the outputs; nothing to resume).
@@ -72,7 +75,8 @@ def run_pretrain(fractal_dir: Path, out_dir: Path, metrics_path: Path, log_path:
         result = pretrain(Path(fractal_dir), p, seed=seed, device=dev, work_root=Path(work_root), ctx=ctx,
                           stop_after_epoch=stop_after_epoch)
         if ctx.is_main:
-            write_outputs(result, p, seed, Path(fractal_dir), Path(out_dir), Path(metrics_path), Path(log_path))
+            write_outputs(result, p, seed, Path(fractal_dir), Path(out_dir), Path(metrics_path), Path(log_path),
+                          timing_path)
             key = run_key(p, seed, result.data_sha256, ctx.world_size, dev.type)
             shutil.rmtree(Path(work_root) / key, ignore_errors=True)
         barrier(ctx)

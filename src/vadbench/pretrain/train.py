@@ -135,6 +135,8 @@ def pretrain(fractal_dir: Path, p: PretrainParams, *, seed: int, device: torch.d
         if state["rng_cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["rng_cuda"])
         log, start = list(state["log"]), int(state["epochs_done"])
+        if ctx.is_main:
+            tqdm.write(f"pretrain: resuming from epoch {start} of {p.epochs} ({ckpt})")
     net = DistributedDataParallel(model, device_ids=[device.index] if pin else None, broadcast_buffers=False) \
         if ctx.active else model
     mean = torch.tensor(p.mean, device=device).view(1, 3, 1, 1)

@@ -12,10 +12,13 @@ from vadbench.report.plots import plot_auroc_bars, plot_curves
 __all__ = ["Cell", "aggregate"]
 
 
-def aggregate(cells: list[Cell], *, scores_dir: Path, metrics_dir: Path, reports_dir: Path) -> pd.DataFrame:
-    """Write metrics/{leaderboard.csv,leaderboard.md,summary.json,costs.json} and reports/*.png."""
-    quality, costs = collect(cells, scores_dir)
-    write_leaderboard(quality, costs, metrics_dir)
+def aggregate(
+    cells: list[Cell], *, scores_dir: Path, metrics_dir: Path, reports_dir: Path, measured_dir: Path
+) -> pd.DataFrame:
+    """Write metrics/{leaderboard.csv,leaderboard.md,summary.json} (deterministic),
+    <measured_dir>/{costs.json,costs.md} (measurements) and reports/*.png."""
+    quality, costs = collect(cells, scores_dir, measured_dir)
+    write_leaderboard(quality, costs, metrics_dir, measured_dir)
     plot_auroc_bars(quality, Path(reports_dir) / "leaderboard.png")
     curves = {
         c.name: {

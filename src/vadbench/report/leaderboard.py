@@ -11,6 +11,7 @@ from typing import Any
 import pandas as pd
 
 from vadbench.io import write_json, write_text
+from vadbench.layout import measured_fit, measured_score
 
 QUALITY = (
     "image_auroc",
@@ -22,7 +23,9 @@ QUALITY = (
     "pixel_f1_max",
     "pixel_aupro",
 )
+#: measured (vary between runs; metrics/measured/) and deterministic (parameters, bytes: in metrics.json)
 COSTS = ("fit_seconds", "latency_ms", "throughput_ips", "fit_peak_rss_mb", "score_peak_rss_mb", "parameters", "model_bytes")
+_DETERMINISTIC_COSTS = ("parameters", "model_bytes")
 DELTA_METRICS = ("image_auroc", "pixel_auroc", "pixel_aupro")
 
 
@@ -38,16 +41,28 @@ class Cell:
         return f"{self.dataset}-{self.model}-{self.backbone}"
 
 
-def collect(cells: list[Cell], scores_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(quality table, cost table), one row per cell, in a stable order."""
+def _read_measured(path: Path) -> dict[str, Any]:
+    """A cell's measurements, or {} (costs then show n/a) — e.g. after a `dvc checkout` on another machine."""
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def collect(cells: list[Cell], scores_dir: Path, measured_dir: Path | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(quality table, cost table), one row per cell, in a stable order.
+
+    Quality from each cell's deterministic ``metrics.json``; measured costs from `measured_dir`
+    (`vadbench.layout.measured_fit` / `measured_score`, first seed's fit)."""
     quality, costs = [], []
     for cell in cells:
         cdir = Path(scores_dir) / cell.name
-        for name in ("metrics.json", "costs.json"):
-            if not (cdir / name).is_file():
-                raise FileNotFoundError(f"{cdir / name} missing: run `dvc repro score@{cell.name}`")
+        if not (cdir / "metrics.json").is_file():
+            raise FileNotFoundError(f"{cdir / 'metrics.json'} missing: run `dvc repro score@{cell.name}`")
         m = json.loads((cdir / "metrics.json").read_text())
-        c = json.loads((cdir / "costs.json").read_text())
+        c = {k: m.get(k) for k in _DETERMINISTIC_COSTS}
+        if measured_dir is not None:
+            fits = _read_measured(measured_fit(measured_dir, cell.name))
+            first_seed = str((m.get("seeds") or [0])[0])
+            c.update(fits.get(first_seed, {}))
+            c.update(_read_measured(measured_score(measured_dir, cell.name)))
         key = {"dataset": cell.dataset, "model": cell.model, "backbone": cell.backbone, "init": cell.init}
         notes = []
         if m.get("center_crop"):
@@ -106,9 +121,9 @@ def markdown_table(df: pd.DataFrame, digits: int = 3) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_leaderboard(quality: pd.DataFrame, costs: pd.DataFrame, metrics_dir: Path) -> None:
-    """metrics/leaderboard.{csv,md}, metrics/summary.json (deterministic) and metrics/costs.json (measured)."""
-    metrics_dir = Path(metrics_dir)
+def write_leaderboard(quality: pd.DataFrame, costs: pd.DataFrame, metrics_dir: Path, measured_dir: Path) -> None:
+    """metrics/leaderboard.{csv,md}, metrics/summary.json (deterministic); costs.{json,md} in `measured_dir`."""
+    metrics_dir, measured_dir = Path(metrics_dir), Path(measured_dir)
     # std columns only when some cell ran several seeds: single-seed tables stay narrow
     multi = bool((quality["n_seeds"] > 1).any())
     table = quality if multi else quality.drop(columns=[f"{k}_std" for k in QUALITY])
@@ -123,15 +138,17 @@ def write_leaderboard(quality: pd.DataFrame, costs: pd.DataFrame, metrics_dir: P
     for _, r in costs.iterrows():
         entry = cost_summary.setdefault(r["dataset"], {}).setdefault(r["model"], {})
         entry[r["backbone"]] = {k: (None if _missing(r[k]) else r[k]) for k in (*COSTS, "device")}
-    write_json(metrics_dir / "costs.json", json.loads(json.dumps(cost_summary, default=float)))
-    write_text(metrics_dir / "leaderboard.md", render_markdown(quality, costs))
+    write_json(measured_dir / "costs.json", json.loads(json.dumps(cost_summary, default=float)))
+    write_text(metrics_dir / "leaderboard.md", render_markdown(quality))
+    write_text(measured_dir / "costs.md", render_costs(costs))
 
 
-def render_markdown(quality: pd.DataFrame, costs: pd.DataFrame) -> str:
+def render_markdown(quality: pd.DataFrame) -> str:
     parts = ["# vadbench leaderboard\n\n"]
     parts.append(
-        "Quality metrics are deterministic for fixed params and seed. Costs are measurements on the machine "
-        "named in `device` and vary between runs. Pixel AUPRO is integrated to FPR "
+        "Quality metrics are deterministic for fixed params, seed and torch thread count on one machine kind. "
+        "Costs (time, memory, latency) are measurements and vary between runs: `metrics/measured/costs.md`. "
+        "Pixel AUPRO is integrated to FPR "
         "0.3 and normalised (MVTec AD definition). Thresholded F1 uses a threshold from validation normals only.\n"
     )
     for dataset, q in quality.groupby("dataset", sort=True):
@@ -156,7 +173,13 @@ def render_markdown(quality: pd.DataFrame, costs: pd.DataFrame) -> str:
         deltas = delta_table(q)
         parts.append("\n### Δ fractal vs other weight sources (positive = fractal better)\n")
         parts.append(markdown_table(deltas.drop(columns=["dataset"]) if not deltas.empty else deltas, digits=3))
-        parts.append("\n### Costs\n")
-        c = costs[costs["dataset"] == dataset][["model", "backbone", *COSTS, "device"]]
-        parts.append(markdown_table(c, digits=1))
+    return "".join(parts)
+
+
+def render_costs(costs: pd.DataFrame) -> str:
+    parts = ["# vadbench costs\n\nMeasured on the machine named in `device`; they vary between runs "
+             "(fit: first seed; latency: batch 1; peak RSS of the stage process).\n"]
+    for dataset, c in costs.groupby("dataset", sort=True):
+        parts.append(f"\n## {dataset}\n")
+        parts.append(markdown_table(c[["model", "backbone", *COSTS, "device"]], digits=1))
     return "".join(parts)

@@ -1,0 +1,33 @@
+"""Where the pipeline's files live, defined once; stage scripts pass these paths to the library.
+
+Cached DVC outputs (under ``data/``) hold only what is deterministic for fixed params, seed, thread
+count and machine kind, so ``dvc.lock`` is identical between clean runs. Measurements (seconds, peak
+memory, latency, the device name) go to ``metrics/measured/``: git-tracked, no stage's declared output,
+listed as top-level ``metrics:`` in dvc.yaml so `dvc metrics show` and `dvc exp show` still show them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+DATA = Path("data")
+FRACTALS = DATA / "fractals"
+PRETRAIN = DATA / "pretrain"
+BACKBONES = DATA / "backbones"
+PREPARED = DATA / "prepared"
+FITS = DATA / "fits"
+SCORES = DATA / "scores"
+METRICS = Path("metrics")
+MEASURED = METRICS / "measured"
+MEASURED_PRETRAIN = MEASURED / "pretrain.json"
+REPORTS = Path("reports")
+
+
+def measured_fit(root: Path, cell: str) -> Path:
+    """Fit measurements of one cell (every seed): seconds, peak RSS / CUDA memory, device."""
+    return Path(root) / "fit" / f"{cell}.json"
+
+
+def measured_score(root: Path, cell: str) -> Path:
+    """Score measurements of one cell (first seed): latency, throughput, peak memory, device."""
+    return Path(root) / "score" / f"{cell}.json"
