@@ -281,3 +281,22 @@ def test_empty_category_rejected(tmp_path):
     img(src / "bad" / "b.png")
     with pytest.raises(ValueError, match="0 usable train"):
         run(FolderParams(normal_dir=str(src / "normal"), abnormal_dir=str(src / "bad")), src, tmp_path)
+
+
+def test_zero_one_masks_are_read_at_nonzero_and_said(tmp_path, capsys):
+    """A 0/1 mask saved as 8-bit would binarise to nothing at >= 128: it is read at > 0, and prepare says so."""
+    src = _small_folder(tmp_path / "src")
+    mask(src / "masks" / "b0.png", value=1)
+    out, info = run(_folder_spec(src), src, tmp_path)
+    test = load_split(out, "test")
+    bad = int(np.flatnonzero(test.labels == 1)[0])
+    assert test.masks[bad].sum() > 0  # the defect survived
+    assert any("b0.png" in n and "0/1 mask" in n for n in info["mask_notes"])
+    assert "0/1 mask" in capsys.readouterr().out  # said, not only recorded
+
+
+def test_empty_mask_of_a_defect_image_is_said(tmp_path):
+    src = _small_folder(tmp_path / "src")
+    mask(src / "masks" / "b0.png", value=0)
+    _, info = run(_folder_spec(src), src, tmp_path)
+    assert any("b0.png" in n and "empty" in n for n in info["mask_notes"])

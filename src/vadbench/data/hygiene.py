@@ -105,9 +105,19 @@ def load_image(
 
 
 def load_mask(
-    paths: tuple[Path, ...], image_size: tuple[int, int], image_path: Path, *, mode: str, max_pixels: int
+    paths: tuple[Path, ...],
+    image_size: tuple[int, int],
+    image_path: Path,
+    *,
+    mode: str,
+    max_pixels: int,
+    notes: list[str] | None = None,
 ) -> np.ndarray:
-    """Union of the binarised masks, (H, W) bool at the source image's size."""
+    """Union of the binarised masks, (H, W) bool at the source image's size.
+
+    A mask whose values are present but all below half range (a 0/1 mask saved as 8-bit) would binarise
+    to nothing: it is binarised at > 0 instead, and a line saying so goes to `notes`.
+    """
     out = np.zeros(image_size[::-1], dtype=bool)
     for p in paths:
         with _open(p, None, max_pixels) as im:
@@ -125,7 +135,13 @@ def load_mask(
             out |= arr > 0
         else:
             half = 32768 if im.mode in SIXTEEN_BIT else (1 if im.mode == "1" else 128)
-            out |= arr >= half
+            top = int(arr.max()) if arr.size else 0
+            if 0 < top < half:
+                if notes is not None:
+                    notes.append(f"mask {p}: values 0..{top}, all below {half}: read as a 0/1 mask (> 0 = defect)")
+                out |= arr > 0
+            else:
+                out |= arr >= half
     return out
 
 
@@ -148,15 +164,24 @@ def _png(im: Image.Image) -> bytes:
 RenderJob = tuple[str, tuple[str, ...], str, bool, int, int]  # path, masks, mask_mode, grey, size, max_pixels
 
 
-def render(job: RenderJob) -> tuple[bytes | None, bytes | None, str | None]:
-    """One source → (image PNG, mask PNG or None, None) or (None, None, error). Runs in worker processes."""
+def render(job: RenderJob) -> tuple[bytes | None, bytes | None, str | None, list[str]]:
+    """One source → (image PNG, mask PNG or None, None, notes) or (None, None, error, notes). Runs in workers.
+
+    `notes`: conversions worth telling the user (0/1 masks read at > 0; an empty mask of a defect image)."""
     path, masks, mask_mode, grey, size, max_pixels = job
+    notes: list[str] = []
     try:
         with pixel_limit(max_pixels):
             im, source_size = load_image(Path(path), max_pixels=max_pixels, draft_size=size)
             mask_paths = tuple(map(Path, masks))
-            mask = load_mask(mask_paths, source_size, Path(path), mode=mask_mode, max_pixels=max_pixels) if masks else None
+            mask = (
+                load_mask(mask_paths, source_size, Path(path), mode=mask_mode, max_pixels=max_pixels, notes=notes)
+                if masks
+                else None
+            )
     except BadImageError as err:
-        return None, None, str(err)
+        return None, None, str(err), notes
+    if mask is not None and not mask.any():
+        notes.append(f"{path}: its mask {', '.join(masks)} is empty: no defect pixel for an anomalous image")
     im = resize_image(im.convert("L" if grey else "RGB"), size)
-    return _png(im), (_png(resize_mask(mask, size)) if mask is not None else None), None
+    return _png(im), (_png(resize_mask(mask, size)) if mask is not None else None), None, notes

@@ -173,7 +173,13 @@ def prepare_real(
         _check_not_empty(name, [s.split for s in planned], where)
         grey = spec.channels == "grey" or (spec.channels == "auto" and modes <= hygiene.GREY_MODES)
         with atomic_dir(out_dir) as tmp:
-            rows = _write_images(name, spec, planned, tmp, grey, skipped, progress, workers or default_workers())
+            mask_notes: list[str] = []
+            rows = _write_images(name, spec, planned, tmp, grey, skipped, progress, workers or default_workers(),
+                                 mask_notes)
+            for line in mask_notes[:10]:
+                tqdm.write(f"{name}: note: {line}")
+            if len(mask_notes) > 10:
+                tqdm.write(f"{name}: note: … {len(mask_notes) - 10} more in {out_dir}/{INFO} (mask_notes)")
             _check_not_empty(name, [r.split for r in rows], where)  # again: skipped files may empty a split
             write_manifest(tmp, rows)
             info = _info(name, spec, rows, channels=1 if grey else 3, source_sha256=archive_sha)
@@ -184,6 +190,7 @@ def prepare_real(
                 duplicates=report.as_dict(),
                 seed=seed,
                 val_fraction=spec.val_fraction,
+                mask_notes=mask_notes,
             )
             write_json(tmp / INFO, info)
     return info
@@ -212,7 +219,9 @@ def _out_name(used: set[str], folder: str, stem: str, suffix: str = ".png") -> s
     return rel
 
 
-def _render_all(jobs: list[hygiene.RenderJob], workers: int) -> Iterator[tuple[bytes | None, bytes | None, str | None]]:
+def _render_all(
+    jobs: list[hygiene.RenderJob], workers: int
+) -> Iterator[tuple[bytes | None, bytes | None, str | None, list[str]]]:
     """hygiene.render over `jobs`, in order; `workers` > 1 uses spawned processes (decode + resize +
     PNG encode dominate, and each worker imports only PIL/numpy, not torch)."""
     if workers <= 1 or len(jobs) < 64:
@@ -224,13 +233,14 @@ def _render_all(jobs: list[hygiene.RenderJob], workers: int) -> Iterator[tuple[b
 
 def _write_images(
     name: str, spec: Any, planned: list[Source], tmp: Path, grey: bool, skipped: list[dict[str, str]],
-    progress: bool, workers: int,
+    progress: bool, workers: int, notes: list[str],
 ) -> list[ManifestRow]:
     size, rows, used = spec.image_size, [], set()
     jobs = [(str(s.path), tuple(map(str, s.masks)), s.mask_mode, grey, size, spec.max_pixels) for s in planned]
     results = _render_all(jobs, workers)
-    for s, (png, mask_png, error) in tqdm(zip(planned, results), total=len(planned), desc=f"{name}: write",
-                                          unit="img", disable=not progress):
+    for s, (png, mask_png, error, found) in tqdm(zip(planned, results), total=len(planned), desc=f"{name}: write",
+                                                 unit="img", disable=not progress):
+        notes.extend(found)
         if error is not None:
             _bad(spec, skipped, s, hygiene.BadImageError(error))
             continue
