@@ -15,6 +15,7 @@ FRACTALS = DATA / "fractals"
 PRETRAIN = DATA / "pretrain"
 BACKBONES = DATA / "backbones"
 PREPARED = DATA / "prepared"
+SOURCES = DATA / "sources"  # fingerprints of local source trees (stage sources@<dataset>)
 FITS = DATA / "fits"
 SCORES = DATA / "scores"
 METRICS = Path("metrics")
