@@ -13,6 +13,18 @@ from pathlib import Path
 from typing import Any
 
 
+def remove_leftovers(final: Path) -> list[Path]:
+    """Delete ``.<name>.tmp-*`` / ``.<name>.old-*`` beside `final`: what a killed run (SIGKILL, power loss)
+    left behind. One writer per output at a time (DVC runs a stage once), so none of them is live."""
+    final = Path(final)
+    stale = sorted(
+        p for pattern in (f".{final.name}.tmp-*", f".{final.name}.old-*") for p in final.parent.glob(pattern)
+    )
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    return stale
+
+
 @contextlib.contextmanager
 def atomic_dir(final: Path) -> Iterator[Path]:
     """Yield a temp dir beside `final`; on success it replaces `final` in one rename.
@@ -21,6 +33,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(final)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
         yield tmp
