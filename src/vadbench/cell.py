@@ -18,7 +18,7 @@ import torch
 
 from vadbench.backbones import load_feature_extractor
 from vadbench.data.source import ImageSource, loader, to_float
-from vadbench.io import atomic_dir, write_json
+from vadbench.io import atomic_dir, preflight, write_json
 from vadbench.metrics import cost
 from vadbench.metrics.image import image_metrics, pr_points, roc_points
 from vadbench.metrics.pixel import pixel_metrics
@@ -115,6 +115,7 @@ def fit_cell(
         raise ValueError(f"{inputs.dataset_dir}: the train split is empty")
     if np.any(train.labels != 0) or np.any(val.labels != 0):
         raise ValueError(f"{inputs.dataset_dir}: train/val splits must hold normal images only")
+    preflight(Path(out_dir).parent, 1 << 20)  # an unwritable output fails now, not after the fit
     backbone = _backbone_for(model_name, hparams, inputs, dev)
     summaries, measured = [], {}
     with atomic_dir(out_dir) as tmp:
@@ -247,6 +248,9 @@ def score_cell(
         raise ValueError(f"{inputs.dataset_dir}: the test split is empty")
     _, h, w = test.image_shape
     gt_index = np.flatnonzero(test.has_mask)
+    # before any work: the outputs' disk (fp16 maps) and the scratch disk (fp32 maps ×2, masks) must hold them
+    preflight(Path(out_dir).parent, len(test) * h * w * 2 + (1 << 20))
+    preflight(Path(tempfile.gettempdir()), len(test) * h * w * 4 + len(gt_index) * h * w * 5)
     # scratch space outside every DVC output: float32 maps for exact metrics, masks of the ground-truth images
     scratch = tempfile.TemporaryDirectory(prefix=f"vadbench-{Path(out_dir).name}-")
     work = Path(scratch.name)

@@ -43,6 +43,29 @@ def stage_main(run: Callable[..., Any], argv: list[str] | None = None, n_args: i
             traceback.print_exc()
         print(f"error in stage {stage}: {err}", file=sys.stderr)
         raise SystemExit(1) from None
+    except OSError as err:  # disk full, read-only or permission-denied outputs: one line, naming the file
+        if os.environ.get("VADBENCH_DEBUG"):
+            traceback.print_exc()
+        print(f"error in stage {stage}: {describe_os_error(err)}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def describe_os_error(err: OSError) -> str:
+    """One line naming the file and the cause of an OSError, with what to do about it."""
+    import errno
+
+    where = err.filename or "an output file"
+    fixes = {
+        errno.ENOSPC: "the disk is full: free space (or move data/ and DVC's cache to a larger disk) and rerun",
+        errno.EDQUOT: "the disk quota is exceeded: free space and rerun",
+        errno.EROFS: "the file system is read-only: run from a writable checkout",
+        errno.EACCES: "permission denied: make the directory writable for this user (or run elsewhere)",
+        errno.EPERM: "operation not permitted: check the directory's owner and permissions",
+    }
+    cause = fixes.get(err.errno or -1)
+    if cause is None and "requested and" in str(err) and "written" in str(err):
+        cause = fixes[errno.ENOSPC]  # numpy/torch short writes: "N requested and M written"
+    return f"{where}: {cause or err.strerror or err}"
 
 
 def require_in_grid(params: Params, dataset: str, model: str | None = None, backbone: str | None = None) -> None:

@@ -119,3 +119,49 @@ def sha256_tree(root: Path) -> str:
         h.update(b"\0")
         h.update(sha256_file(p).encode())
     return h.hexdigest()
+
+
+def load_tensors(path: Path, map_location: Any = "cpu") -> Any:
+    """``torch.load(path, weights_only=True)`` with a one-line error when the file holds more than tensors.
+
+    torch's own message suggests ``weights_only=False``, which would run arbitrary code from the file: we
+    never do that, and never suggest it.
+    """
+    import pickle
+
+    import torch
+
+    path = Path(path)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[-1][:200] if str(err).strip() else type(err).__name__
+        raise ValueError(
+            f"{path}: refused to load: it holds Python objects beyond tensors and plain containers, which "
+            f"vadbench never unpickles ({first.split('.')[0]}). Use a file written by vadbench or a "
+            "plain state dict / .safetensors file; rerun the stage that writes it."
+        ) from None
+    except (EOFError, RuntimeError) as err:
+        raise ValueError(f"{path}: not a readable torch file ({type(err).__name__}: {str(err)[:200]})") from None
+
+
+def preflight(directory: Path, need_bytes: int = 0) -> None:
+    """Fail before the work, not after it: `directory` must be creatable, writable and hold `need_bytes`.
+
+    Raises OSError (errno EROFS/EACCES/ENOSPC) naming the directory; `cli.stage_main` prints it in one line.
+    """
+    import errno
+
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write-probe-", dir=directory)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise OSError(err.errno, err.strerror, str(directory)) from None
+    free = shutil.disk_usage(directory).free
+    if need_bytes > free:
+        raise OSError(
+            errno.ENOSPC, f"needs about {need_bytes / 2**20:.0f} MiB, {free / 2**20:.0f} MiB free", str(directory)
+        )

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from vadbench.io import atomic_dir, sha256_file
+from vadbench.io import atomic_dir, load_tensors, sha256_file
 
 WEIGHTS = "weights.safetensors"
 CARD = "card.json"
@@ -63,7 +63,7 @@ def read_card(backbone_dir: Path) -> BackboneCard:
 def _load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         return load_file(str(path))
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    obj = load_tensors(path)
     # accept raw state dicts and the usual {"state_dict": ...} / {"model": ...} wrappers
     for key in ("state_dict", "model"):
         if isinstance(obj, dict) and key in obj and isinstance(obj[key], dict):

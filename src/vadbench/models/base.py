@@ -31,7 +31,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from vadbench.io import atomic_path
+from vadbench.io import atomic_path, load_tensors
 from vadbench.schema import StrictModel
 
 _REGISTRY: dict[str, type[AnomalyModel]] = {}
@@ -134,7 +134,7 @@ def create_model(name: str, backbone: nn.Module | None = None, **hparams: Any) -
 
 
 def load_model(path: Path, backbone: nn.Module | None = None, map_location: str | torch.device = "cpu") -> AnomalyModel:
-    payload = torch.load(Path(path), map_location=map_location, weights_only=True)
+    payload = load_tensors(Path(path), map_location)
     model = create_model(payload["name"], backbone=backbone, **payload["hparams"])
     model.load_learned_state(payload["state"])
     return model.eval()

@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
-from vadbench.io import atomic_path, sha256_tree
+from vadbench.io import atomic_path, load_tensors, sha256_tree
 from vadbench.pretrain.data import FractalImages, read_fractal_split
 from vadbench.pretrain.dist import DistContext, all_sum, barrier, convert_sync_batchnorm
 from vadbench.pretrain.params import PretrainParams
@@ -127,7 +127,7 @@ def pretrain(fractal_dir: Path, p: PretrainParams, *, seed: int, device: torch.d
     log: list[dict[str, float]] = []
     start = 0
     if ckpt.is_file():
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        state = load_tensors(ckpt)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
