@@ -12,12 +12,13 @@ export OMP_NUM_THREADS ?= $(shell nproc 2>/dev/null || echo 2)
 # Spinning OpenMP waits made 2-thread training 5-10x slower whenever anything else ran (measured).
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: repro test test-fast validate install bench profile-paper clean-data help
+.PHONY: repro test test-fast verify validate install bench profile-paper clean-data help
 
 help:
 	@echo "make repro          install (if needed), validate params.yaml, dvc repro"
 	@echo "make test           install with test extras (if needed), run the whole test suite"
 	@echo "make test-fast      the suite without tests marked slow"
+	@echo "make verify         small grid twice from clean: byte-identical outputs and dvc.lock (docs/CI.md)"
 	@echo "make bench          run benchmarks/ (writes benchmarks/results/*.md)"
 	@echo "make profile-paper  switch params.yaml to the paper-scale profile (profiles/paper.yaml)"
 	@echo "make plots-deps     chromium + pinned vega builds: offline dvc plots show page and its test"
@@ -45,6 +46,10 @@ test: $(STAMP) plots-deps
 
 test-fast: $(STAMP) plots-deps
 	$(BIN)/python -m pytest -q -m 'not slow'
+
+# two clean runs of a small grid must be byte-identical; the lock must match profiles/verify.lock
+verify: $(STAMP)
+	$(BIN)/python scripts/verify.py
 
 bench: $(STAMP)
 	@for f in benchmarks/bench_*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done

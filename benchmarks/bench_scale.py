@@ -38,7 +38,7 @@ hparams, size = json.loads(hparams), int(size)
 inputs = CellInputs(Path(data), Path(bb), size)
 t0 = time.perf_counter()
 if stage == "fit":
-    fit_cell(inputs, model, hparams, Path(fit_dir), seeds=[0], device="cpu")
+    fit_cell(inputs, model, hparams, Path(fit_dir), seeds=[0], device="cpu", measured_path=Path(fit_dir + ".json"))
 else:
     score_cell(inputs, Path(fit_dir), Path(score_dir), Path(score_dir + "-report"), ScoreSettings(latency_repeats=3),
                seeds=[0], device="cpu", gallery_size=2)
@@ -119,7 +119,7 @@ def main() -> None:
             common = [str(data), str(bb), str(fit_dir), str(score_dir), model, hp, str(args.image_size)]
             fit = run_child(["fit", *common])
             score = run_child(["score", *common])
-            report = json.loads((fit_dir / "seed-0" / "fit.json").read_text())
+            report = json.loads(Path(str(fit_dir) + ".json").read_text())["0"]
             row = {
                 "model": model, "n_train": n_train, "n_test": n_test,
                 "fit_s": fit["wall_s"], "fit_s_per_image": report["fit_seconds"] / n_train,
@@ -130,7 +130,7 @@ def main() -> None:
             rows.append(row)
             print(json.dumps(row), flush=True)
             for d in (fit_dir, score_dir):
-                subprocess.run(["rm", "-rf", str(d), str(d) + "-report"], check=True)
+                subprocess.run(["rm", "-rf", str(d), str(d) + "-report", str(d) + ".json"], check=True)
     write_report(args, rows)
 
 

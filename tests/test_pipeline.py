@@ -77,14 +77,16 @@ PIXEL_CELLS = {"fit_pixels@synthetic_sem-sparse_ae", "score_pixels@synthetic_sem
 
 def test_full_chain_then_noop(project):
     ran = _ran(_run(["dvc", "repro"], project))
-    assert ran == {"fractals", "pretrain", "backbones", "prepare@synthetic_sem", "aggregate"} | CELLS | PIXEL_CELLS
+    assert ran == {"check", "fractals", "pretrain", "backbones", "prepare@synthetic_sem", "aggregate"} | CELLS | PIXEL_CELLS
     summary = json.loads((project / "metrics" / "summary.json").read_text())
     assert set(summary["synthetic_sem"]) == {"patchcore", "padim", "sparse_ae"}
     assert set(summary["synthetic_sem"]["sparse_ae"]) == {"none"}
     for png in ("reports/leaderboard.png", "reports/curves.png", "reports/synthetic_sem/preview.png",
                 "reports/cells/synthetic_sem-patchcore-fractal/gallery.png", "reports/fractals_preview.png"):
         assert (project / png).is_file(), png
-    assert _ran(_run(["dvc", "repro"], project)) == set()
+    lock = (project / "dvc.lock").read_bytes()
+    assert _ran(_run(["dvc", "repro"], project)) == {"check"}  # validation only: nothing else reruns
+    assert (project / "dvc.lock").read_bytes() == lock
 
 
 def test_dvc_plots_page_renders_offline(project):
@@ -102,7 +104,7 @@ def test_patchcore_param_reruns_only_patchcore(project):
     status = _run(["dvc", "status"], project)
     assert "patchcore" in status and "padim" not in status
     ran = _ran(_run(["dvc", "repro"], project))
-    assert ran == {c for c in CELLS if "-patchcore-" in c} | {"aggregate"}
+    assert ran == {c for c in CELLS if "-patchcore-" in c} | {"aggregate", "check"}
 
 
 def test_fractal_param_reruns_only_fractal_chain(project):
@@ -115,11 +117,56 @@ def test_fractal_param_reruns_only_fractal_chain(project):
     assert "prepare@synthetic_sem" not in ran
 
 
-def test_forced_rerun_gives_identical_metrics(project):
-    before = {n: (project / "metrics" / n).read_bytes() for n in ("summary.json", "leaderboard.csv")}
+def test_forced_rerun_gives_identical_metrics_and_lock(project):
+    """Every cached output is deterministic (measurements live in metrics/measured/): so is dvc.lock."""
+    names = ("summary.json", "leaderboard.csv", "leaderboard.md")
+    before = {n: (project / "metrics" / n).read_bytes() for n in names}
+    lock = (project / "dvc.lock").read_text()
     _run(["dvc", "repro", "-f"], project)
-    after = {n: (project / "metrics" / n).read_bytes() for n in ("summary.json", "leaderboard.csv")}
+    after = {n: (project / "metrics" / n).read_bytes() for n in names}
     assert before == after
+    assert (project / "dvc.lock").read_text() == lock
+    costs = json.loads((project / "metrics" / "measured" / "costs.json").read_text())
+    assert costs["synthetic_sem"]["padim"]["random"]["fit_seconds"] > 0
+    assert "costs.json" in _run(["dvc", "metrics", "show"], project)
+
+
+def test_invalid_params_stop_a_plain_repro(project):
+    """Even with nothing to rerun, `dvc repro` validates params.yaml first and names the bad key."""
+    text = (project / "params.yaml").read_text()
+    try:
+        (project / "params.yaml").write_text(text + "seeds: [0, 1, 2]\n")
+        env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "HF_HUB_OFFLINE": "1"}
+        res = subprocess.run(["dvc", "repro"], cwd=project, env=env, capture_output=True, text=True, timeout=300)
+        assert res.returncode != 0 and "seeds" in res.stdout + res.stderr
+    finally:
+        (project / "params.yaml").write_text(text)
+
+
+def test_folder_edit_reruns_exactly_its_prepare_chain(project):
+    """A `folder` dataset's files are dependencies: editing one image reruns its prepare and cells only."""
+    import numpy as np
+    from PIL import Image
+
+    src = project / "own"
+    rng = np.random.default_rng(0)
+    for sub, n in (("ok", 10), ("ng/blob", 3)):
+        (src / sub).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 255, (48, 48), dtype=np.uint8)).save(src / sub / f"{i}.png")
+
+    def add(p):
+        p["datasets"]["own"] = {"kind": "folder", "normal_dir": str(src / "ok"), "abnormal_dir": str(src / "ng"),
+                                "image_size": 64, "val_fraction": 0.2, "test_normal_fraction": 0.2}
+        p["run"]["datasets"] = ["synthetic_sem", "own"]
+    _set(project, add)
+    _run(["dvc", "repro"], project)
+    Image.fromarray(np.zeros((48, 48), np.uint8)).save(src / "ok" / "3.png")  # edit one source image
+    ran = _ran(_run(["dvc", "repro"], project))
+    own = {s for s in ran if "@own" in s}
+    assert "prepare@own" in own and own and ran - own == {"check", "aggregate"}
+    assert _ran(_run(["dvc", "repro"], project)) == {"check"}
+    _set(project, lambda p: (p["datasets"].pop("own"), p["run"].update(datasets=["synthetic_sem"])))
 
 
 def test_exp_run_with_set_param(project):

@@ -1,0 +1,144 @@
+"""Reproducibility check (`make verify`): a small grid run twice from a clean state must be byte-identical.
+
+    python scripts/verify.py [--params FILE] [--lock profiles/verify.lock] [--update-lock]
+
+Two fresh copies of the project's tracked files (``git ls-files``: what a clone has) each get a small
+grid — params.yaml with the `small_grid` overrides below, or `--params` — and run ``dvc repro`` from
+nothing. Then:
+  1. both ``dvc.lock`` files are identical, and so is every cached output under data/ and every metrics /
+     plots file (measurements in metrics/measured/ are excluded: they are the one thing allowed to vary);
+  2. a third ``dvc repro`` in the first copy reruns nothing but the `check` stage, in ≤ 5 s;
+  3. its ``dvc.lock`` equals the committed `--lock` (recorded on this machine kind; `--update-lock`
+     rewrites it, e.g. after a deliberate change — commit it).
+Exit 0 when all hold, 1 with the differing files listed otherwise. Runs in a few minutes on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import filecmp
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+#: never compared: measurements, DVC's own state, local caches
+SKIP = re.compile(r"^(metrics/measured/|\.dvc/(tmp|cache)/|data/\.sources-cache/|\.git/)")
+
+
+def small_grid() -> dict:
+    """params.yaml, shrunk to a minutes-long grid that still runs every stage kind."""
+    import yaml
+
+    p = yaml.safe_load((ROOT / "params.yaml").read_text())
+    p["run"] = {"datasets": ["synthetic_sem"], "models": ["patchcore", "padim", "stfpm"], "pixel_models": ["sparse_ae"],
+                "backbones": ["random", "fractal"], "seeds": [0]}
+    p["models"]["stfpm"].update(epochs=2)
+    p["models"]["sparse_ae"].update(epochs=2)
+    p["fractals"].update(num_classes=4, instances_per_class=8, image_size=32, points=2000, pad=1, workers=1)
+    p["pretrain"].update(epochs=2, batch_size=16, milestones=[], warmup_epochs=0)
+    p["datasets"]["synthetic_sem"].update(image_size=64, n_train=16, n_val=6, n_test_normal=6, n_test_per_defect=2)
+    p["score"].update(latency_repeats=2, latency_warmup=1)
+    return p
+
+
+def copy_tracked(dst: Path, params: Path) -> None:
+    files = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout.split(b"\0")
+    for raw in filter(None, files):
+        rel = raw.decode()
+        src = ROOT / rel
+        if not src.is_file() or rel.startswith(("metrics/", "reports/")) or rel == "dvc.lock":
+            continue  # results are produced, not copied: a clean state
+        (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, dst / rel)
+    shutil.copy2(params, dst / "params.yaml")
+    env = _env()
+    for args in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "-c", "user.name=v", "-c", "user.email=v@v",
+                                                                "commit", "-qm", "verify"]):
+        subprocess.run(args, cwd=dst, check=True, env=env, capture_output=True)
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "HF_HUB_OFFLINE": "1"}
+
+
+def repro(project: Path) -> tuple[float, set[str]]:
+    t0 = time.perf_counter()
+    res = subprocess.run(["dvc", "repro"], cwd=project, env=_env(), capture_output=True, text=True)
+    if res.returncode != 0:
+        raise SystemExit(f"dvc repro failed in {project}:\n{(res.stdout + res.stderr)[-4000:]}")
+    return time.perf_counter() - t0, set(re.findall(r"Running stage '([^']+)'", res.stdout + res.stderr))
+
+
+def files_of(project: Path) -> set[str]:
+    out = set()
+    for path in project.rglob("*"):
+        rel = path.relative_to(project).as_posix()
+        if path.is_file() and not SKIP.match(rel):
+            out.add(rel)
+    return out
+
+
+def compare(a: Path, b: Path) -> list[str]:
+    fa, fb = files_of(a), files_of(b)
+    problems = [f"only in one run: {rel}" for rel in sorted(fa ^ fb)]
+    problems += [f"differs: {rel}" for rel in sorted(fa & fb) if not filecmp.cmp(a / rel, b / rel, shallow=False)]
+    return problems
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--params", type=Path, default=None, help="params file of the grid (default: small_grid())")
+    ap.add_argument("--lock", type=Path, default=ROOT / "profiles" / "verify.lock")
+    ap.add_argument("--update-lock", action="store_true", help="write the first run's dvc.lock to --lock")
+    ap.add_argument("--keep", action="store_true", help="keep the two project copies (printed)")
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="vadbench-verify-"))
+    a, b = work / "a", work / "b"
+    params = args.params
+    if params is None:
+        import yaml
+
+        params = work / "params.yaml"
+        params.write_text(yaml.safe_dump(small_grid(), sort_keys=False))
+    problems: list[str] = []
+    try:
+        for project in (a, b):
+            copy_tracked(project, params)
+            seconds, ran = repro(project)
+            print(f"verify: {project.name}: dvc repro ran {len(ran)} stages in {seconds:.0f} s", flush=True)
+        problems += compare(a, b)
+        seconds, ran = repro(a)
+        print(f"verify: third dvc repro: {seconds:.1f} s, ran {sorted(ran)}")
+        if ran - {"check"}:
+            problems.append(f"third dvc repro reran {sorted(ran - {'check'})}")
+        if seconds > 5:
+            problems.append(f"third dvc repro took {seconds:.1f} s (limit 5 s)")
+        lock = (a / "dvc.lock").read_text()
+        if args.update_lock:
+            args.lock.write_text(lock)
+            print(f"verify: wrote {args.lock}")
+        elif not args.lock.is_file():
+            problems.append(f"{args.lock} missing: run with --update-lock on this machine kind and commit it")
+        elif args.lock.read_text() != lock:
+            problems.append(f"dvc.lock differs from the committed {args.lock.relative_to(ROOT)} (same machine kind?)")
+    finally:
+        if args.keep:
+            print(f"verify: kept {a} and {b}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    for p in problems:
+        print(f"verify: FAIL {p}")
+    if not problems:
+        print("verify: OK — two clean runs byte-identical, third run a no-op, dvc.lock matches the committed one")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
