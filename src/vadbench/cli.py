@@ -115,6 +115,66 @@ def _profile(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _key_params(cls: type, names: list[str] | None = None, limit: int = 6) -> str:
+    """`field=default` of a pydantic class's `names` (default: its first fields, the ones changed most)."""
+    names = [n for n in (names or list(cls.model_fields)) if n not in ("seed", "kind")][:limit]
+    parts = []
+    for name in names:
+        field = cls.model_fields[name]
+        default = "<required>" if field.is_required() else field.get_default(call_default_factory=True)
+        parts.append(f"{name}={default}")
+    return ", ".join(parts)
+
+
+def _first_line(doc: str | None) -> str:
+    return (doc or "").strip().splitlines()[0].rstrip(".") if doc and doc.strip() else ""
+
+
+def _list(ns: argparse.Namespace) -> int:
+    """One line per model / dataset kind / configured backbone: what it is and its key params."""
+    if ns.what == "models":
+        from vadbench.models import model_class, model_names
+
+        for name in model_names():
+            cls = model_class(name)
+            module_doc = _first_line(sys.modules[cls.__module__].__doc__)
+            level = "pixel maps" if cls.has_pixel_maps else "image level"
+            source = "backbone" if cls.needs_backbone else "pixels, no backbone"
+            print(f"{name:22s} {module_doc} [{level}; {source}] — {_key_params(cls.Params)}")
+    elif ns.what == "datasets":
+        import typing
+
+        from vadbench.data.params import DatasetSpec, InputPolicy, RealDatasetParams
+
+        union = typing.get_args(typing.get_args(DatasetSpec)[0])
+        for cls in union:
+            kind = cls.model_fields["kind"].default
+            base = RealDatasetParams if issubclass(cls, RealDatasetParams) else InputPolicy
+            own = [f for f in cls.model_fields if f not in base.model_fields]
+            print(f"{kind:14s} {_first_line(cls.__doc__)} — {_key_params(cls, ['image_size', *own], limit=7)}")
+        try:
+            params = load_params(ns.params)
+        except ParamsError:
+            return 0
+        for name, spec in params.datasets.items():
+            used = "in run" if name in params.run.datasets else "defined"
+            print(f"  {name}: kind {spec.kind}, image_size {spec.image_size} ({used}, {ns.params})")
+    else:
+        from vadbench.backbones.weights import INITS
+
+        print(f"weight sources (init): {', '.join(INITS)}; architectures: any timm model name")
+        try:
+            params = load_params(ns.params)
+        except ParamsError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        for name, spec in params.backbones.items():
+            used = "in run" if name in params.run.backbones else "defined"
+            where = f", file {spec.file}" if spec.file else ""
+            print(f"{name:12s} {spec.arch} init {spec.init}{where} ({used})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vadbench", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -126,6 +186,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--params", default="params.yaml")
     p.add_argument("--profiles-dir", default="profiles")
     p.set_defaults(func=_profile)
+    p = sub.add_parser("list", help="one line per model, dataset kind or configured backbone")
+    p.add_argument("what", choices=("models", "datasets", "backbones"))
+    p.add_argument("--params", default="params.yaml")
+    p.set_defaults(func=_list)
     ns = parser.parse_args(argv)
     return int(ns.func(ns))
 

@@ -77,35 +77,49 @@ class RealDatasetParams(InputPolicy):
 
 
 class MvtecAdParams(RealDatasetParams):
+    """MVTec AD (15 categories, pixel masks): downloaded and sha256-checked."""
+
     kind: Literal["mvtec_ad"] = "mvtec_ad"
     category: Literal[MVTEC_AD_CATEGORIES]  # type: ignore[valid-type]
 
 
 class VisaParams(RealDatasetParams):
+    """VisA (12 categories, pixel masks): download with the archive sha256 you trust."""
+
     kind: Literal["visa"] = "visa"
     category: Literal[VISA_CATEGORIES]  # type: ignore[valid-type]
 
 
 class MvtecLocoParams(RealDatasetParams):
+    """MVTec LOCO AD (logical + structural anomalies, OR-ed masks): downloaded."""
+
     kind: Literal["mvtec_loco"] = "mvtec_loco"
     category: Literal[MVTEC_LOCO_CATEGORIES]  # type: ignore[valid-type]
 
 
 class MpddParams(RealDatasetParams):
+    """MPDD (metal parts, pixel masks): downloaded."""
+
     kind: Literal["mpdd"] = "mpdd"
     category: Literal[MPDD_CATEGORIES]  # type: ignore[valid-type]
 
 
 class BtadParams(RealDatasetParams):
+    """BTAD (3 industrial products, pixel masks): downloaded."""
+
     kind: Literal["btad"] = "btad"
     category: Literal[BTAD_CATEGORIES]  # type: ignore[valid-type]
 
 
 class MiicParams(RealDatasetParams):
+    """MIIC: SEM images of IC metal layers; manual download, verified."""
+
     kind: Literal["miic"] = "miic"
 
 
 class ElpvParams(RealDatasetParams):
+    """ELPV: real electroluminescence images of solar cells (pip package elpv-dataset), image level."""
+
     kind: Literal["elpv"] = "elpv"
     category: Literal["mono", "poly"]
     uncertain: Literal["drop", "normal", "defective"] = Field(
