@@ -36,7 +36,7 @@ def make_toy_defect_data(n_train: int = 24, n_test: int = 16, size: int = 64, se
             cy, cx = rng.integers(size // 4, 3 * size // 4, 2)
             r = rng.integers(4, 8)
             mask = ((yy - cy) ** 2 + (xx - cx) ** 2 <= r * r).astype(np.uint8)
-            img = np.where(mask > 0, 0.95, img)
+            img = np.where(mask > 0, 242 / 255, img)  # 8-bit, as the rest
         test.append(img)
         labels.append(i % 2)
         masks.append(mask)

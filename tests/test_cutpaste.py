@@ -8,8 +8,9 @@ from conftest import make_toy_defect_data
 from sklearn.metrics import roc_auc_score
 
 from vadbench.backbones import load_feature_extractor
+from vadbench.data.source import TensorSource
 from vadbench.models import create_model
-from vadbench.models.components.cutpaste_augment import cutpaste, scar, three_way_batch
+from vadbench.models.components.cutpaste_augment import cutpaste, cutpaste_batch, scar, scar_batch, three_way_batch
 
 NAME = "cutpaste"
 LAYERS = ["layer1", "layer2"]
@@ -78,3 +79,33 @@ def test_predict_before_fit_and_bad_params(extractor):
             create_model(NAME, backbone=extractor, **{**SMALL, **bad})
     with pytest.raises(ValueError, match="trainable modules"):
         create_model(NAME, backbone=extractor, **{**SMALL, "trainable": ["fc"]})
+
+
+def test_batchwise_augmentations_equal_the_whole_set_draws():
+    """All CutPastes batch by batch, then all Scars, on one generator = three_way_batch of the whole set."""
+    images = make_toy_defect_data(n_train=7, seed=2)[0]
+    whole, _ = three_way_batch(images, torch.Generator().manual_seed(5))
+    gen = torch.Generator().manual_seed(5)
+    cp = torch.cat([cutpaste_batch(images[i : i + 3], gen) for i in range(0, 7, 3)])
+    sc = torch.cat([scar_batch(images[i : i + 3], gen) for i in range(0, 7, 3)])
+    assert torch.equal(whole, torch.cat([images, cp, sc]))
+
+
+def test_pretext_loss_does_not_depend_on_the_batch_size(fitted, data):
+    model, val = fitted[0], data[1]
+    losses = [model.pretext_loss(val, seed=7, batch_size=b) for b in (3, 8)]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+def test_uint8_source_fits_the_same_model_as_the_float_tensor(extractor, data):
+    """fit streams its sources: a uint8 TensorSource of the same (8-bit) images gives the same model."""
+    train, val, test, _ = data
+    params = {**SMALL, "epochs": 1}
+    u8 = lambda x: TensorSource((x * 255).round().to(torch.uint8))  # noqa: E731
+    a = create_model(NAME, backbone=extractor, **params)
+    ra = a.fit(train[:24], val)
+    b = create_model(NAME, backbone=extractor, **params)
+    rb = b.fit(u8(train[:24]), u8(val))
+    assert ra == rb
+    assert torch.equal(a.mean, b.mean) and torch.equal(a.precision, b.precision)
+    assert torch.equal(a.predict(test)[0], b.predict(test)[0])

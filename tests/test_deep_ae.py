@@ -9,6 +9,7 @@ import torch
 from conftest import make_toy_defect_data
 from sklearn.metrics import roc_auc_score
 
+from vadbench.data.source import TensorSource
 from vadbench.models import create_model
 from vadbench.models.deep_ae import DeepAENet
 
@@ -99,3 +100,16 @@ def test_mean_reduction_is_map_mean(fitted):
     images = torch.from_numpy(np.random.default_rng(0).random((2, 1, 128, 128), dtype=np.float32))
     scores, maps = mean_model.eval().predict(images)
     assert torch.allclose(scores, maps.flatten(1).mean(1), rtol=1e-4)
+
+
+def test_uint8_source_fits_the_same_model_as_the_float_tensor(toy_defect_data):
+    """fit streams its sources (to_input per batch): a uint8 TensorSource of the same images = the tensor."""
+    train, test = toy_defect_data[0][:12], toy_defect_data[1][:4]
+    val = make_toy_defect_data(n_train=5, seed=1)[0]
+    params = {**SMALL, "epochs": 1, "batch_size": 5}  # 12 = 2 × 5 + a short batch of two
+    u8 = lambda x: TensorSource((x * 255).round().to(torch.uint8))  # noqa: E731
+    a, b = create_model(NAME, **params), create_model(NAME, **params)
+    assert a.fit(train, val) == b.fit(u8(train), u8(val))
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+    assert torch.equal(a.predict(test)[1], b.predict(test)[1])
+    assert a.reconstruction_loss(val) == b.reconstruction_loss(u8(val))

@@ -8,6 +8,7 @@ from conftest import make_toy_defect_data
 from sklearn.metrics import roc_auc_score
 
 from vadbench.backbones import load_feature_extractor
+from vadbench.data.source import TensorSource
 from vadbench.models import create_model
 
 NAME = "panda"
@@ -99,3 +100,32 @@ def test_max_pooling_keeps_a_small_local_change(extractor):
         change = {p: float((pooled_features(net, y, p) - pooled_features(net, x, p)).norm()) for p in ("avg", "max")}
         size = {p: float(pooled_features(net, x, p).norm()) for p in ("avg", "max")}
     assert change["max"] / size["max"] > 3 * change["avg"] / size["avg"], (change, size)
+
+
+def _uint8(images):
+    return (images * 255).round().to(torch.uint8)
+
+
+def test_uint8_source_fits_the_same_model_as_the_float_tensor(extractor, data):
+    """fit streams its sources: a uint8 TensorSource of the same (8-bit) images gives the same model."""
+    train, val, test, _ = data
+    params = {**SMALL, "epochs": 1}
+    a = create_model(NAME, backbone=extractor, **params)
+    ra = a.fit(train[:24], val)
+    b = create_model(NAME, backbone=extractor, **params)
+    rb = b.fit(TensorSource(_uint8(train[:24])), TensorSource(_uint8(val)))
+    assert ra == rb
+    assert torch.equal(a.train_features, b.train_features)
+    assert torch.equal(a.predict(test)[0], b.predict(test)[0])
+    # a uint8 batch is scaled, not taken as 0..255 floats (val: 8-bit values; the test blobs are 0.95)
+    assert torch.equal(a.features(_uint8(val)), a.features(val))
+
+
+def test_features_pick_the_models_layers(random_backbone_dir):
+    """An extractor built with more layers than the model asks for: only `layers` are pooled."""
+    wide = load_feature_extractor(random_backbone_dir, ["layer1", "layer2", "layer3"])
+    model = create_model(NAME, backbone=wide, **SMALL)
+    assert model.features(torch.rand(2, 1, 32, 32)).shape == (2, sum(wide.channels_of(LAYERS)))
+    with pytest.raises(ValueError, match="missing"):
+        narrow = load_feature_extractor(random_backbone_dir, ["layer1"])
+        create_model(NAME, backbone=narrow, **{**SMALL, "trainable": ["layer1"]})

@@ -18,7 +18,7 @@ import torch
 
 from vadbench.backbones import load_feature_extractor
 from vadbench.data.source import ImageSource, loader, to_float
-from vadbench.io import atomic_dir, preflight, write_json
+from vadbench.io import atomic_dir, preflight, release_rows, write_json
 from vadbench.metrics import cost
 from vadbench.metrics.image import image_metrics, pr_points, roc_points
 from vadbench.metrics.pixel import pixel_metrics
@@ -171,6 +171,7 @@ def predict_stream(
         scores[start:stop] = s.float().cpu().numpy()
         if maps_out is not None:
             maps_out[start:stop] = m.float().cpu().numpy()
+            release_rows(maps_out, start, stop)  # written through to the file: RSS stays one batch
         start = stop
     return scores
 
@@ -257,6 +258,9 @@ def score_cell(
     gt_masks = _memmap(work / "masks.npy", (len(gt_index), h, w), np.uint8)
     for j, i in enumerate(gt_index):
         gt_masks[j] = test.mask(int(i)).numpy()
+        if j % 256 == 255:
+            release_rows(gt_masks, j - 255, j + 1)
+    release_rows(gt_masks, 0, len(gt_index))
     maps = _memmap(work / "maps.npy", (len(test), h, w), np.float32)
     gt_maps = _memmap(work / "gt_maps.npy", (len(gt_index), h, w), np.float32)
     per_seed, first = [], None
@@ -270,6 +274,8 @@ def score_cell(
         for start in range(0, len(gt_index), 256):  # copy the ground-truth rows in chunks, never all at once
             idx = gt_index[start : start + 256]
             gt_maps[start : start + len(idx)] = target[idx]
+            release_rows(gt_maps, start, start + len(idx))
+            release_rows(target, int(idx[0]), int(idx[-1]) + 1)
         val_scores = predict_stream(model, val, settings.batch_size, dev) if len(val) else None
         per_seed.append(_quality(model, test, scores, gt_maps, gt_masks, val_scores, settings))
         if first is None:  # costs, maps and pictures come from the first seed's model
@@ -336,6 +342,8 @@ def _save_fp16(path: Path, maps: np.ndarray, chunk: int = 256) -> None:
     out = _memmap(path, maps.shape, np.float16)
     for start in range(0, len(maps), chunk):
         out[start : start + chunk] = maps[start : start + chunk]
+        release_rows(out, start, start + chunk)
+        release_rows(maps, start, start + chunk)
     out.flush()
     del out
 

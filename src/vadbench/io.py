@@ -12,6 +12,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 
 def remove_leftovers(final: Path) -> list[Path]:
     """Delete ``.<name>.tmp-*`` / ``.<name>.old-*`` beside `final`: what a killed run (SIGKILL, power loss)
@@ -165,3 +167,27 @@ def preflight(directory: Path, need_bytes: int = 0) -> None:
         raise OSError(
             errno.ENOSPC, f"needs about {need_bytes / 2**20:.0f} MiB, {free / 2**20:.0f} MiB free", str(directory)
         )
+
+
+def release_rows(arr: Any, start: int, stop: int) -> None:
+    """Drop rows [start, stop) of a memory-mapped array from this process's resident memory.
+
+    Pages of a file mapping count in RSS once touched and stay until unmapped; a streamed pass over a
+    large memmap (scores written batch by batch, metrics read chunk by chunk) would otherwise grow RSS
+    with the split. Dirty pages are written back first (msync), then MADV_DONTNEED releases them; the
+    data stays in the file. A no-op for ordinary arrays.
+    """
+    import mmap
+
+    mm = getattr(arr, "_mmap", None)
+    if mm is None or stop <= start or not hasattr(mm, "madvise"):
+        return
+    row = int(np.prod(arr.shape[1:], dtype=np.int64)) * arr.dtype.itemsize
+    first = arr.offset % mmap.ALLOCATIONGRANULARITY + start * row  # np.memmap maps from an aligned offset
+    last = min(first + (stop - start) * row, len(mm))
+    lo = first - first % mmap.PAGESIZE
+    hi = -(-last // mmap.PAGESIZE) * mmap.PAGESIZE
+    hi = min(hi, len(mm))
+    if hi > lo:
+        mm.flush(lo, hi - lo)
+        mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)

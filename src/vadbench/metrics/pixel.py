@@ -30,6 +30,7 @@ import numpy as np
 from scipy import ndimage
 from tqdm import tqdm
 
+from vadbench.io import release_rows
 from vadbench.metrics._util import as_scores, check_binary_values, check_finite, rnd
 
 PIXEL_KEYS = ("pixel_auroc", "pixel_aupr", "pixel_f1_max", "pixel_aupro")
@@ -66,6 +67,12 @@ def _check_inputs(maps: Any, masks: Any) -> tuple[np.ndarray, np.ndarray]:
     return a, m
 
 
+def _release(maps: np.ndarray, masks: np.ndarray, sl: slice) -> None:
+    """Memory-mapped inputs: drop the chunk's pages from RSS once read (a no-op for in-memory arrays)."""
+    release_rows(maps, sl.start, sl.stop)
+    release_rows(masks, sl.start, sl.stop)
+
+
 def _chunks(n_images: int, pixels_per_image: int, chunk_pixels: int) -> list[slice]:
     if chunk_pixels < 1:
         raise ValueError(f"chunk_pixels must be >= 1, got {chunk_pixels}")
@@ -97,6 +104,7 @@ def pixel_counts(
         pos_vals.append(a[sl][has][defect])
         pos_w.append(1.0 / sizes[region])
         n_regions += n
+        _release(a, m, sl)
     n_pos = int(sum(v.size for v in pos_vals))
     n_neg = a.size - n_pos
     if n_pos == 0:
@@ -118,6 +126,7 @@ def pixel_counts(
     below_eq = np.zeros(u.size, np.int64)
     for sl in tqdm(chunks, desc="pixel metrics: normals", disable=not progress):
         neg = a[sl][m[sl] == 0]  # a copy; sorting it leaves the caller's maps untouched
+        _release(a, m, sl)
         if neg.size == 0:
             continue
         neg.sort()

@@ -5,6 +5,11 @@ CutPaste and CutPaste-Scar versions (3-way). Then a Gaussian is fitted to the po
 features of the train normals (mean + Ledoit-Wolf shrunk covariance, sklearn); the anomaly score
 is the Mahalanobis distance to it. Image-level variant only (the patch variant scores hundreds of
 crops per image, beyond the CPU budget): maps are the score broadcast (`has_pixel_maps = False`).
+
+Training runs in the shared loop (`components.trainer`); each batch's augmentations are drawn from the
+model's generator right after that epoch's permutation, batch after batch. The validation pretext loss
+streams the val set in two passes (originals + CutPaste, then Scar) so its augmentations are exactly
+those `three_way_batch` would draw over the whole set at once (seed + 1).
 """
 
 from __future__ import annotations
@@ -16,13 +21,26 @@ import torch.nn.functional as F
 from pydantic import Field
 from sklearn.covariance import LedoitWolf
 from torch import nn
+from torch.utils.data import Dataset
 
 from vadbench.backbones import FeatureExtractor
+from vadbench.data.source import as_source
 from vadbench.models.base import AnomalyModel, register_model
-from vadbench.models.components.backbone_finetune import Pooling, pooled_features, set_finetune_mode, trainable_copy
-from vadbench.models.components.cutpaste_augment import three_way_batch
-from vadbench.models.components.epoch_loop import fit_epochs, minibatches
+from vadbench.models.components.backbone_finetune import (
+    Pooling,
+    float_chunks,
+    pooled_features,
+    pooled_stream,
+    set_finetune_mode,
+    trainable_copy,
+)
+from vadbench.models.components.cutpaste_augment import cutpaste_batch, scar_batch, three_way_batch
+from vadbench.models.components.trainer import LoopSettings
+from vadbench.models.components.trainer import train as train_loop
 from vadbench.schema import StrictModel
+
+#: images per forward pass outside training (Gaussian fit, pretext loss, predict)
+_FEATURE_BATCH = 32
 
 
 def _head(in_dim: int, hidden: list[int], n_classes: int = 3) -> nn.Sequential:
@@ -67,9 +85,10 @@ class CutPaste(AnomalyModel):
             raise ValueError(f"cutpaste: head_dims must be positive, got {p.head_dims}")
         self.backbone = backbone  # frozen original (normalisation; not saved)
         self.encoder = trainable_copy(backbone, p.trainable)  # fine-tuned copy (saved)
+        in_dim = sum(backbone.channels_of(p.layers))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(p.seed)
-            self.head = _head(sum(backbone.channels), p.head_dims).to(self.device)
+            self.head = _head(in_dim, p.head_dims).to(self.device)
         self.register_buffer("mean", torch.empty(0))
         self.register_buffer("precision", torch.empty(0, 0))
 
@@ -78,26 +97,51 @@ class CutPaste(AnomalyModel):
         return self.backbone.mean.device
 
     def _embed(self, images: torch.Tensor) -> torch.Tensor:
-        return pooled_features(self.encoder, self.backbone.normalize(images.to(self.device)), self.p.pooling)
+        """A float batch (B, C, H, W) in [0, 1] → pooled encoder features (B, D) of `layers` (grad if enabled)."""
+        x = self.backbone.normalize(images.to(self.device, torch.float32))
+        return pooled_features(self.encoder, x, self.p.pooling, self.backbone.layers, self.p.layers)
+
+    def _eval_mode(self) -> None:
+        set_finetune_mode(self.encoder, self.p.trainable, train=False)
+        self.head.eval()
 
     @torch.no_grad()
-    def embeddings(self, images: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
-        """images (N, C, H, W) in [0, 1] → pooled encoder features (N, D) (eval mode, no grad)."""
-        if images.ndim != 4:
+    def embeddings(self, images: Dataset | torch.Tensor, batch_size: int = _FEATURE_BATCH) -> torch.Tensor:
+        """Pooled encoder features (N, D) (eval mode, no grad) of a tensor (N, C, H, W) in [0, 1] or of an
+        image source streamed in order."""
+        if isinstance(images, torch.Tensor) and images.ndim != 4:
             raise ValueError(f"cutpaste: expected images (N, C, H, W), got shape {tuple(images.shape)}")
         set_finetune_mode(self.encoder, self.p.trainable, train=False)
-        return torch.cat([self._embed(images[i]) for i in minibatches(len(images), batch_size)])
+        return pooled_stream(self._embed, images, batch_size, self.device)
 
     @torch.no_grad()
-    def pretext_loss(self, images: torch.Tensor, seed: int) -> float:
-        """3-way cross-entropy (eval mode) on images (N, C, H, W) + their augmentations drawn with `seed`."""
-        x, y = three_way_batch(images.to(self.device), torch.Generator().manual_seed(seed), self.p.jitter)
-        self.head.eval()
-        return float(F.cross_entropy(self.head(self.embeddings(x)), y))
+    def pretext_loss(self, images: Dataset | torch.Tensor, seed: int, batch_size: int = _FEATURE_BATCH) -> float:
+        """3-way cross-entropy (eval mode) on images + their augmentations drawn with `seed`, batch by batch.
 
-    def fit(self, train: torch.Tensor, val: torch.Tensor | None = None) -> dict[str, Any]:
-        """Train the 3-way classifier on normals (N, C, H, W) + augmentations; fit the Gaussian."""
+        The draws equal ``three_way_batch(all images, Generator(seed))``: every CutPaste first (pass 1, with
+        the originals), then every Scar (pass 2), on one generator; only one batch is in memory."""
+        self._eval_mode()
+        gen = torch.Generator().manual_seed(seed)
+        total, n = 0.0, 0
+
+        def summed_ce(x: torch.Tensor, label: int) -> float:
+            y = torch.full((len(x),), label, dtype=torch.int64, device=self.device)
+            return float(F.cross_entropy(self.head(self._embed(x)), y, reduction="sum"))
+
+        for x in float_chunks(images, batch_size, self.device):
+            total += summed_ce(x, 0) + summed_ce(cutpaste_batch(x, gen, self.p.jitter), 1)
+            n += len(x)
+        for x in float_chunks(images, batch_size, self.device):
+            total += summed_ce(scar_batch(x, gen, self.p.jitter), 2)
+        if n == 0:
+            raise ValueError("cutpaste: pretext loss over no images")
+        return total / (3 * n)
+
+    def fit(self, train: Dataset | torch.Tensor, val: Dataset | torch.Tensor | None = None) -> dict[str, Any]:
+        """Train the 3-way classifier on a stream of normals + augmentations; fit the Gaussian."""
         p = self.p
+        train = as_source(train)
+        val = as_source(val) if val is not None and len(val) > 0 else None
         if len(train) < 2:
             raise ValueError(f"cutpaste: need at least 2 train images for a covariance, got {len(train)}")
         gen = torch.Generator().manual_seed(p.seed)
@@ -105,28 +149,33 @@ class CutPaste(AnomalyModel):
         opt = torch.optim.SGD(params, lr=p.lr, momentum=p.momentum, weight_decay=p.weight_decay)
         steps = max(1, p.epochs * -(-len(train) // p.batch_size))
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
-        has_val = val is not None and len(val) > 0
 
-        def train_epoch(_: int) -> float:
-            total = 0.0
-            for idx in minibatches(len(train), p.batch_size, gen):
-                if len(idx) < 2:  # BatchNorm in the head cannot train on one image per class
-                    continue
-                set_finetune_mode(self.encoder, p.trainable, train=True)
-                self.head.train()
-                x, y = three_way_batch(train[idx].to(self.device), gen, p.jitter)
-                loss = F.cross_entropy(self.head(self._embed(x)), y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                total += float(loss.detach()) * len(idx)
-            return total / len(train)
+        def loss(x: torch.Tensor) -> torch.Tensor:
+            # augmentations from the batch-order generator, after this epoch's permutation
+            x3, y = three_way_batch(x, gen, p.jitter)
+            return F.cross_entropy(self.head(self._embed(x3)), y)
 
-        both = nn.ModuleDict({"encoder": self.encoder, "head": self.head})
-        # the same augmented validation set every epoch (seed + 1), so epochs are compared fairly
-        val_loss = (lambda: self.pretext_loss(val, p.seed + 1)) if has_val else None
-        report = fit_epochs(both, train_epoch, val_loss, p.epochs, p.patience, "cutpaste")
+        def train_mode() -> None:
+            set_finetune_mode(self.encoder, p.trainable, train=True)
+            self.head.train()
+
+        report = train_loop(
+            trainable=nn.ModuleDict({"encoder": self.encoder, "head": self.head}),
+            optimizer=opt,
+            loss_fn=loss,
+            train=train,
+            val=val,
+            # min_batch 2: BatchNorm in the head cannot train on one image per class
+            settings=LoopSettings(epochs=p.epochs, batch_size=p.batch_size, patience=p.patience, min_batch=2),
+            generator=gen,
+            device=self.device,
+            desc="cutpaste",
+            # the same augmented validation set every epoch (seed + 1), so epochs are compared fairly
+            val_loss=(lambda: self.pretext_loss(val, p.seed + 1)) if val is not None else None,
+            train_mode=train_mode,
+            eval_mode=self._eval_mode,
+            scheduler=sched,
+        )
         feats = self.embeddings(train).double().cpu().numpy()
         lw = LedoitWolf().fit(feats)
         self.mean = torch.from_numpy(lw.location_).float().to(self.device)
@@ -137,7 +186,7 @@ class CutPaste(AnomalyModel):
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """images (N, C, H, W) → (Mahalanobis scores (N,), score broadcast to maps (N, H, W)), float32 CPU."""
+        """One batch (B, C, H, W) → (Mahalanobis scores (B,), score broadcast to maps (B, H, W)), float32 CPU."""
         if self.precision.numel() == 0:
             raise RuntimeError("cutpaste: predict called before fit (no Gaussian fitted)")
         d = self.embeddings(images) - self.mean

@@ -4,6 +4,9 @@ Both copy a region of the image to another place, with a small brightness/contra
 CutPaste a rectangle of 2–15 % of the area (aspect ratio 0.3–3.3), Scar a thin rotated
 rectangle (paper at 256 px: width 2–16, length 10–25, angle ±45°; here scaled to the image size).
 All randomness comes from the caller's `torch.Generator`, so batches are reproducible.
+
+`three_way_batch` draws every CutPaste of a batch, then every Scar: a set split into batches gets the
+same draws when all its `cutpaste_batch` calls run first, then its `scar_batch` calls, on one generator.
 """
 
 from __future__ import annotations
@@ -62,9 +65,21 @@ def scar(img: torch.Tensor, gen: torch.Generator, jitter: float = 0.1) -> torch.
     return torch.where(mask, source, img)
 
 
-def three_way_batch(images: torch.Tensor, gen: torch.Generator, jitter: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
+def cutpaste_batch(images: torch.Tensor, gen: torch.Generator, jitter: float = 0.1) -> torch.Tensor:
+    """images (B, C, H, W) → their CutPaste versions, drawn image after image from `gen`."""
+    return torch.stack([cutpaste(x, gen, jitter) for x in images])
+
+
+def scar_batch(images: torch.Tensor, gen: torch.Generator, jitter: float = 0.1) -> torch.Tensor:
+    """images (B, C, H, W) → their CutPaste-Scar versions, drawn image after image from `gen`."""
+    return torch.stack([scar(x, gen, jitter) for x in images])
+
+
+def three_way_batch(
+    images: torch.Tensor, gen: torch.Generator, jitter: float = 0.1
+) -> tuple[torch.Tensor, torch.Tensor]:
     """images (B, C, H, W) → (3B images: originals, cutpaste, scar; labels (3B,) 0/1/2)."""
-    cp = torch.stack([cutpaste(x, gen, jitter) for x in images])
-    sc = torch.stack([scar(x, gen, jitter) for x in images])
+    cp = cutpaste_batch(images, gen, jitter)
+    sc = scar_batch(images, gen, jitter)
     labels = torch.arange(3).repeat_interleave(len(images))
     return torch.cat([images, cp, sc]), labels.to(images.device)

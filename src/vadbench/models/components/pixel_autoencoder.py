@@ -1,8 +1,9 @@
 """Shared machinery of the pixel autoencoders (SAE, DAE): grey 128×128 input, training, residual maps.
 
 Subclasses supply the network (`build_net`), the training loss and the per-pixel residual; this
-base converts inputs, trains with Adam and early stopping on the validation loss, and turns
-residuals into maps at the caller's resolution and image scores.
+base converts inputs batch by batch (`to_input` as the shared loop's `batch_fn`: uint8 → float → grey
+128×128 on the device, never a whole split), trains with Adam in `components.trainer` (early stopping on
+the validation loss), and turns residuals into maps at the caller's resolution and image scores.
 """
 
 from __future__ import annotations
@@ -13,10 +14,13 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
+from torch.utils.data import Dataset
 
+from vadbench.data.source import as_source, to_float
 from vadbench.models.base import AnomalyModel
-from vadbench.models.components.epoch_loop import fit_epochs, minibatches
 from vadbench.models.components.smoothing import gaussian_blur
+from vadbench.models.components.trainer import LoopSettings, mean_loss
+from vadbench.models.components.trainer import train as train_loop
 from vadbench.schema import StrictModel
 
 #: ITU-R BT.601 luma weights: RGB → grey the way most image libraries do it
@@ -32,7 +36,9 @@ class PixelAEParams(StrictModel):
     lr: float = Field(1e-3, gt=0, le=1)
     weight_decay: float = Field(0.0, ge=0, le=1)
     patience: int = Field(5, ge=0, description="epochs without validation-loss improvement before stopping; 0 = never")
-    smooth_sigma: float = Field(2.0, ge=0, le=32, description="Gaussian σ (pixels at 128×128) applied to the residual map")
+    smooth_sigma: float = Field(
+        2.0, ge=0, le=32, description="Gaussian σ (pixels at 128×128) applied to the residual map"
+    )
     score_reduction: Literal["max", "mean"] = Field("max", description="image score = max or mean of the smoothed map")
 
 
@@ -44,7 +50,6 @@ class PixelAutoencoderModel(AnomalyModel):
 
     def __init__(self, **params: Any) -> None:
         super().__init__(**params)
-        p = self.p
         # seeded init without touching the global RNG (fork_rng restores it afterwards)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.p.seed)
@@ -80,64 +85,55 @@ class PixelAutoencoderModel(AnomalyModel):
             x = F.interpolate(x, size=(self.input_size,) * 2, mode="bilinear", align_corners=False, antialias=True)
         return x.clamp(0, 1)
 
+    def _batch_input(self, batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """The loop's `batch_fn`: a collated uint8 batch → network input on the device."""
+        return self.to_input(to_float(batch, device))
+
     def _batch_loss(self, x: torch.Tensor) -> torch.Tensor:
         recon, latent = self.net(x)
         return self.loss(x, recon, latent)
 
-    def fit(self, train: torch.Tensor, val: torch.Tensor | None = None) -> dict[str, Any]:
-        """Train on normal images (N, C, H, W); keep the epoch with the lowest validation loss."""
+    def fit(self, train: Dataset | torch.Tensor, val: Dataset | torch.Tensor | None = None) -> dict[str, Any]:
+        """Train on a stream of normal images; keep the epoch with the lowest validation loss."""
         p = self.p
-        gen = torch.Generator().manual_seed(p.seed)
-        x_train = self.to_input(train)
-        has_val = val is not None and len(val) > 0
-        opt = torch.optim.Adam(self.net.parameters(), lr=p.lr, weight_decay=p.weight_decay)
-
-        def train_epoch(_: int) -> float:
-            self.net.train()
-            total = 0.0
-            for idx in minibatches(len(x_train), p.batch_size, gen):
-                if len(idx) < 2:  # BatchNorm cannot train on a single image
-                    continue
-                loss = self._batch_loss(x_train[idx.to(x_train.device)])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                total += float(loss.detach()) * len(idx)
-            return total / len(x_train)
-
-        report = fit_epochs(
-            self.net,
-            train_epoch,
-            (lambda: self.reconstruction_loss(val)) if has_val else None,
-            p.epochs,
-            p.patience,
+        report = train_loop(
+            trainable=self.net,
+            optimizer=torch.optim.Adam(self.net.parameters(), lr=p.lr, weight_decay=p.weight_decay),
+            loss_fn=self._batch_loss,
+            train=train,
+            val=val,
+            # min_batch 2: BatchNorm cannot train on a single image
+            settings=LoopSettings(epochs=p.epochs, batch_size=p.batch_size, patience=p.patience, min_batch=2),
+            generator=torch.Generator().manual_seed(p.seed),
+            device=self.device,
             desc=self.name,
+            batch_fn=self._batch_input,
         )
         self.eval()
         return report
 
     @torch.no_grad()
-    def reconstruction_loss(self, images: torch.Tensor) -> float:
-        """Mean training loss (eval mode) over images (N, C, H, W): the early-stopping criterion."""
+    def reconstruction_loss(self, images: Dataset | torch.Tensor) -> float:
+        """Mean training loss (eval mode) over an image source (or tensor), batch by batch: the early-stopping
+        criterion."""
         self.net.eval()
-        x = self.to_input(images)
-        total = sum(float(self._batch_loss(x[i])) * len(i) for i in minibatches(len(x), self.p.batch_size))
-        return total / len(x)
+        return mean_loss(self._batch_loss, as_source(images), self.p.batch_size, self.device, self._batch_input)
 
     @torch.no_grad()
     def anomaly_maps(self, images: torch.Tensor) -> torch.Tensor:
-        """Smoothed residual maps (N, 1, 128, 128) of images (N, C, H, W)."""
+        """Smoothed residual maps (N, 1, 128, 128) of one batch of images (N, C, H, W), in sub-batches."""
         self.net.eval()
         out = []
-        for idx in minibatches(len(images), max(self.p.batch_size, 32)):
-            x = self.to_input(images[idx])
+        step = max(self.p.batch_size, 32)
+        for start in range(0, len(images), step):
+            x = self.to_input(images[start : start + step])
             recon, _ = self.net(x)
             out.append(gaussian_blur(self.residual(x, recon)[:, 0], self.p.smooth_sigma)[:, None])
         return torch.cat(out)
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """images (N, C, H, W) → (scores (N,), maps (N, H, W)) float32 on CPU."""
+        """One batch (B, C, H, W) in [0, 1] → (scores (B,), maps (B, H, W)) float32 on CPU."""
         maps = self.anomaly_maps(images)
         flat = maps.flatten(1)
         scores = flat.amax(1) if self.p.score_reduction == "max" else flat.mean(1)
