@@ -155,3 +155,20 @@ def test_stages_refuse_cells_outside_the_grid(raw):
     for cell in (("synthetic_sem", "sparse_ae", "fractal"), ("synthetic_sem", "patchcore", "none"), ("nodata", None, None)):
         with pytest.raises(ParamsError, match="not in"):
             require_in_grid(params, *cell)
+
+
+def test_every_error_is_reported_at_once_and_names_are_shell_safe():
+    import yaml as _yaml
+
+    from vadbench.config import ParamsError, parse_params
+
+    raw = _yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    raw["seeds"] = [0, 1, 2]  # misplaced top-level key
+    raw["run"]["models"] = [*raw["run"]["models"], "nosuchmodel"]
+    raw["datasets"]["x;touch${IFS}pwned;"] = raw["datasets"]["synthetic_sem"]
+    raw["run"]["datasets"] = ["x;touch${IFS}pwned;"]
+    with pytest.raises(ParamsError) as info:
+        parse_params(raw)
+    msg = str(info.value)
+    assert "seeds: Extra inputs" in msg and "unknown model 'nosuchmodel'" in msg
+    assert "must match ^[A-Za-z0-9_]+$" in msg

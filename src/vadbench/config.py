@@ -157,6 +157,37 @@ def _check_names(p: Params) -> list[str]:
     return errors
 
 
+def _check_names_raw(raw: dict[str, Any]) -> list[str]:
+    """`_check_names` on a mapping that failed validation: each check that its shape allows, none that crash."""
+    from types import SimpleNamespace
+
+    def section(key: str) -> dict[str, Any]:
+        value = raw.get(key)
+        return value if isinstance(value, dict) else {}
+
+    run = section("run")
+    lists = {k: run.get(k) if isinstance(run.get(k), list) else [] for k in ("datasets", "models", "pixel_models", "backbones")}
+    backbones = {
+        k: SimpleNamespace(init=v.get("init"), arch=str(v.get("arch", "")))
+        for k, v in section("backbones").items()
+        if isinstance(v, dict)
+    }
+    pretrain = SimpleNamespace(arch=str(section("pretrain").get("arch", PretrainParams().arch)))
+    models = {k: v for k, v in section("models").items() if isinstance(v, dict)}
+    ns = SimpleNamespace(
+        run=SimpleNamespace(**{k: [str(x) for x in v] for k, v in lists.items()}),
+        datasets=section("datasets"),
+        backbones=backbones,
+        models=models,
+        pretrain=pretrain,
+    )
+    ns.model_params = lambda name: Params.model_params(ns, name)  # type: ignore[arg-type]
+    try:
+        return _check_names(ns)  # type: ignore[arg-type]
+    except Exception:  # noqa: BLE001 - a best effort on top of the validation errors
+        return []
+
+
 def _format(err: ValidationError, prefix: str = "") -> list[str]:
     lines = []
     for e in err.errors():
@@ -178,7 +209,9 @@ def parse_params(raw: Any, source: str = "params.yaml") -> Params:
     try:
         params = Params.model_validate_json(json.dumps(raw))
     except ValidationError as err:
-        raise ParamsError(f"{source} is invalid:\n  " + "\n  ".join(_format(err))) from None
+        # every problem at once: the type/range errors, plus the name checks that the raw mapping allows
+        errors = _format(err) + [e for e in _check_names_raw(raw) if e not in _format(err)]
+        raise ParamsError(f"{source} is invalid:\n  " + "\n  ".join(errors)) from None
     errors = _check_names(params)
     if errors:
         raise ParamsError(f"{source} is invalid:\n  " + "\n  ".join(errors))
