@@ -92,3 +92,12 @@ def test_undecodable_image_is_named(tmp_path):
     (root / "train" / "003.png").write_bytes(b"not a png")
     with pytest.raises(ValueError, match=r"003\.png: cannot decode"):
         ImageSource(root, "train", image_size=16)[3]
+
+
+def test_decode_workers_give_the_same_batches(tmp_path):
+    root = _dataset(tmp_path, n_train=7)
+    src = ImageSource(root, "train", image_size=16)
+    gen = lambda: torch.Generator().manual_seed(5)  # noqa: E731
+    main = [b.clone() for b in loader(src, 3, generator=gen(), num_workers=0)]
+    workers = list(loader(src, 3, generator=gen(), num_workers=2))
+    assert len(main) == len(workers) == 3 and all(torch.equal(a, b) for a, b in zip(main, workers))

@@ -35,7 +35,10 @@ def stage_main(run: Callable[..., Any], argv: list[str] | None = None, n_args: i
         raise SystemExit(2) from None
     import torch
 
+    from vadbench.data.source import set_loader_workers
+
     torch.set_num_threads(params.threads)  # pinned: CPU results depend on the intra-op thread count
+    set_loader_workers(params.loader_workers)
     try:
         run(params, *args)
     except USER_ERRORS as err:

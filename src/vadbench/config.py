@@ -92,6 +92,7 @@ NAME_PATTERN = re.compile(r"^[A-Za-z0-9_]+$")
 class Params(StrictModel):
     seed: int = Field(0, ge=0)
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$")
+    loader_workers: int = Field(0, ge=0, le=64, description="DataLoader processes decoding images (0: main process)")
     threads: int = Field(
         2, ge=1, le=512, description="torch intra-op threads of every stage: CPU results depend on it, so it is pinned"
     )

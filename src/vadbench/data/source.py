@@ -183,6 +183,20 @@ def image_shape(source: Dataset) -> tuple[int, int, int]:
     return tuple(shape) if shape is not None else tuple(source[0].shape)  # type: ignore[return-value]
 
 
+#: DataLoader decode workers when a caller does not say (`set_loader_workers`; 0 = decode in the main process)
+_LOADER_WORKERS = 0
+
+
+def set_loader_workers(n: int) -> None:
+    """Decode images in `n` DataLoader worker processes from now on (stages set it from params.loader_workers).
+
+    Worth it with many cores or slow decodes (large PNGs); on 2 cores the main process is as fast."""
+    global _LOADER_WORKERS
+    if n < 0:
+        raise ValueError(f"loader workers must be ≥ 0, got {n}")
+    _LOADER_WORKERS = n
+
+
 class SeededBatches(Sampler[list[int]]):
     """Index batches over range(n): one `torch.randperm(n, generator)` per pass when a generator is given
     (the same order on CPU and CUDA, independent of any other RNG use), else in order."""
@@ -206,17 +220,23 @@ def loader(
     batch_size: int,
     *,
     generator: torch.Generator | None = None,
-    num_workers: int = 0,
+    num_workers: int | None = None,
     pin_memory: bool = False,
     indices: Sequence[int] | None = None,
 ) -> DataLoader:
-    """A DataLoader of collated uint8 batches over `source` (or its `indices`), seeded order or in order."""
+    """A DataLoader of collated uint8 batches over `source` (or its `indices`), seeded order or in order.
+
+    `num_workers` None → the process default (`set_loader_workers`). Only the main process draws the
+    order, so results do not depend on the worker count."""
     if indices is not None:
         source = torch.utils.data.Subset(source, list(indices))
+    workers = _LOADER_WORKERS if num_workers is None else num_workers
+    if isinstance(source, TensorSource):
+        workers = 0  # already in memory: worker processes would only copy it
     return DataLoader(
         source,
         batch_sampler=SeededBatches(len(source), batch_size, generator),
-        num_workers=num_workers,
+        num_workers=workers,
         pin_memory=pin_memory,
         persistent_workers=False,
     )
@@ -236,7 +256,7 @@ def float_batches(
     device: torch.device | str,
     *,
     generator: torch.Generator | None = None,
-    num_workers: int = 0,
+    num_workers: int | None = None,
 ) -> Iterator[torch.Tensor]:
     """Float32 batches (B, C, H, W) in [0, 1] on `device`, seeded shuffle when `generator` is given."""
     device = torch.device(device)

@@ -58,7 +58,7 @@ class LoopSettings:
     amp: bool = False  # fp16 autocast + GradScaler, CUDA only (a no-op on CPU)
     grad_clip: float | None = None  # max gradient norm per step
     min_batch: int = 1  # smaller batches are skipped (BatchNorm cannot train on one sample)
-    num_workers: int = 0  # DataLoader decoding workers (0 on 2-core machines)
+    num_workers: int | None = None  # DataLoader decode workers; None = the stage's params.loader_workers
 
 
 def autocast(device: torch.device, enabled: bool) -> torch.autocast:
@@ -102,7 +102,7 @@ def mean_loss(
     batch_size: int,
     device: torch.device,
     batch_fn: BatchFn = images_to_device,
-    num_workers: int = 0,
+    num_workers: int | None = None,
 ) -> float:
     """Σ loss_fn(batch)·len(batch) / N over `data` in order, without grad (a validation loss)."""
     total, n = 0.0, 0
