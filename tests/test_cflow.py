@@ -1,5 +1,6 @@
 """CFlow: conditional coupling log-determinants are exact, positional encoding is right; the flows learn
-normal fibers and flag toy defects; shapes, persistence, determinism, params."""
+normal fibers and flag toy defects; shapes, params; uint8 sources = float tensors; the feature cache over
+budget (disk, recompute)."""
 
 from __future__ import annotations
 
@@ -10,12 +11,15 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from vadbench.backbones import load_feature_extractor
+from vadbench.data.source import TensorSource
 from vadbench.models import create_model
 from vadbench.models.cflow import positional_encoding_2d
 from vadbench.models.components.flows import AffineCouplingBlock, SequentialFlow, fc_subnet
 
 LAYERS = ["layer2", "layer3"]
-FAST = dict(layers=LAYERS, coupling_blocks=2, condition_vector=32, fiber_batch_size=64, epochs=3, batch_size=8, lr=1e-3, seed=0)
+FAST = dict(
+    layers=LAYERS, coupling_blocks=2, condition_vector=32, fiber_batch_size=64, epochs=3, batch_size=8, lr=1e-3, seed=0
+)
 
 
 @pytest.mark.parametrize("soft", [False, True])
@@ -61,12 +65,18 @@ def _mean_log_prob(model, images):
         return float(torch.stack([lp.mean() for lp in model._layer_log_probs(model._features(images))]).mean())
 
 
+def _quick_fit(backbone, train, val, **params):
+    """One short epoch on a few images: enough to move every learned tensor, cheap enough for fast tests."""
+    model = create_model("cflow", backbone=backbone, **{**FAST, "epochs": 1, **params})
+    report = model.fit(train, val)
+    return model, report
+
+
 @pytest.fixture(scope="module")
 def quick(backbone, toy_defect_data):
-    """One short epoch on a few images: enough to move every learned tensor, cheap enough for fast tests."""
     train = toy_defect_data[0]
-    model = create_model("cflow", backbone=backbone, **{**FAST, "epochs": 1})
-    model.fit(train[:4], train[20:22])
+    model, report = _quick_fit(backbone, train[:4], train[20:22])
+    assert report["feature_cache"] == {"train": "ram", "val": "ram"}  # the default budget holds the toy set
     return model
 
 
@@ -108,9 +118,45 @@ def test_output_shapes_and_range(quick, toy_defect_data):
     assert torch.equal(model.predict(test[1:2])[1][0], maps[1])
 
 
+def test_uint8_source_equals_float_tensor(backbone, quick, toy_defect_data):
+    train, test = toy_defect_data[0], toy_defect_data[1][:4]
+    as_uint8 = (train * 255).round().to(torch.uint8)  # the toy images are 8-bit: the same values
+    model, _ = _quick_fit(backbone, TensorSource(as_uint8[:4]), TensorSource(as_uint8[20:22]))
+    assert torch.equal(model.ref_log_prob, quick.ref_log_prob)
+    assert torch.equal(model.predict(test)[0], quick.predict(test)[0])
+
+
+@pytest.mark.parametrize(
+    ("budget", "mode", "atol"),
+    # fp16 features on disk: measured max |Δ| 2e-5 on these scores (range ≈ 0.2…0.9); recomputation: 0 on CPU
+    [(1e-9, "disk", 1e-3), (0.0, "recompute", 1e-5)],
+)
+def test_cache_over_budget_matches_ram(backbone, quick, toy_defect_data, budget, mode, atol):
+    train, test = toy_defect_data[0], toy_defect_data[1]
+    model, report = _quick_fit(backbone, train[:4], train[20:22], feature_cache_gb=budget)
+    assert report["feature_cache"] == {"train": mode, "val": mode}
+    torch.testing.assert_close(model.predict(test)[0], quick.predict(test)[0], rtol=0, atol=atol)
+
+
+def test_reference_without_val_comes_from_train(backbone, toy_defect_data):
+    train = toy_defect_data[0][:3]
+    model, report = _quick_fit(backbone, train, None)
+    assert report["val_loss"] == [] and report["feature_cache"]["val"] is None
+    with torch.no_grad():
+        train_max = torch.stack([lp.max() for lp in model._layer_log_probs(model._features(train))])
+    assert torch.allclose(model.ref_log_prob, train_max)
+
+
 @pytest.mark.parametrize(
     "bad",
-    [dict(condition_vector=30), dict(coupling_blocks=0), dict(fiber_batch_size=1), dict(clamp=-1.0), dict(lr="1e-3")],
+    [
+        dict(condition_vector=30),
+        dict(coupling_blocks=0),
+        dict(fiber_batch_size=1),
+        dict(clamp=-1.0),
+        dict(lr="1e-3"),
+        dict(feature_cache_gb=-0.5),
+    ],
 )
 def test_params_rejected(backbone, bad):
     with pytest.raises(pydantic.ValidationError):

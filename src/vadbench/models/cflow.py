@@ -22,21 +22,16 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
+from torch.utils.data import Dataset
 
-from vadbench.backbones import FeatureExtractor
+from vadbench.backbones import FeatureExtractor, pick
+from vadbench.data.source import as_source, loader
 from vadbench.models.base import AnomalyModel, register_model
-from vadbench.models.components.epoch_loop import fit_epochs, minibatches
+from vadbench.models.components.feature_cache import FeatureCache, cache_splits, feature_cache_field
 from vadbench.models.components.flows import AffineCouplingBlock, SequentialFlow, fc_subnet, gaussian_log_likelihood
 from vadbench.models.components.patch_features import module_device
-from vadbench.models.components.training import (
-    OptimizerStep,
-    autocast,
-    cache_features,
-    check_images,
-    check_teacher_layers,
-    mean_over_batches,
-    predict_in_batches,
-)
+from vadbench.models.components.trainer import LoopSettings, OptimizerStep, autocast, predict_maps
+from vadbench.models.components.trainer import train as train_loop
 from vadbench.runtime import intra_op_threads
 from vadbench.schema import StrictModel
 
@@ -70,7 +65,9 @@ class CFlow(AnomalyModel):
         warm-up and cosine decay (not done here), 25 meta-epochs × 8 sub-epochs, 256×256 inputs."""
 
         layers: list[str] = Field(
-            ["layer1", "layer2"], min_length=1, description="paper: layer2–4 at 256 px (layer1+2 at 128 px give its grids)"
+            ["layer1", "layer2"],
+            min_length=1,
+            description="paper: layer2–4 at 256 px (layer1+2 at 128 px give its grids)",
         )
         coupling_blocks: int = Field(4, ge=1, le=32, description="paper: 8")
         condition_vector: int = Field(64, ge=4, le=1024, description="positional-encoding size (paper: 128)")
@@ -83,6 +80,7 @@ class CFlow(AnomalyModel):
         lr: float = Field(2e-4, gt=0, le=1)
         patience: int = Field(3, ge=0, description="stop after this many epochs without val improvement; 0 = never")
         amp: bool = Field(False, description="fp16 autocast on CUDA for the encoder only (flows stay fp32)")
+        feature_cache_gb: float = feature_cache_field()
         seed: int = Field(0, ge=0)
 
         @model_validator(mode="after")
@@ -94,7 +92,7 @@ class CFlow(AnomalyModel):
     def __init__(self, backbone: FeatureExtractor, **params: Any) -> None:
         super().__init__(**params)
         p = self.p
-        check_teacher_layers(self.name, backbone, p.layers)
+        channels = backbone.channels_of(p.layers)
         self.backbone = backbone
         rng = np.random.default_rng(p.seed)  # the fixed permutations / rotations
         with torch.random.fork_rng(devices=[]):  # seeded init that leaves the global RNG alone
@@ -113,7 +111,7 @@ class CFlow(AnomalyModel):
                         for _ in range(p.coupling_blocks)
                     ]
                 )
-                for c in backbone.channels
+                for c in channels
             )
         # per-layer max of log p / C over validation normals: the likelihood normaliser at inference
         self.register_buffer("ref_log_prob", torch.zeros(len(p.layers)))
@@ -122,7 +120,7 @@ class CFlow(AnomalyModel):
     def _features(self, images: torch.Tensor) -> list[torch.Tensor]:
         """images (B, C, H, W) → per layer encoder features (B, c_l, h_l, w_l), fp32."""
         with autocast(images.device, self.p.amp):
-            return [f.float() for f in self.backbone(images)]
+            return [f.float() for f in pick(self.backbone(images), self.p.layers)]
 
     def _fibers(self, feats: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor, tuple[int, int, int]]]:
         """per layer (B, c, h, w) → per layer (fibers (B·h·w, c), conditions (B·h·w, P), (B, h, w))."""
@@ -163,59 +161,70 @@ class CFlow(AnomalyModel):
             total += F.interpolate(prob, size=size, mode="bilinear", align_corners=True)[:, 0]
         return len(self.decoders) - total
 
-    def fit(self, train: torch.Tensor, val: torch.Tensor | None = None) -> dict[str, Any]:
-        check_images(train, self.name, "train")
-        if val is not None:
-            check_images(val, self.name, "val")
+    def fit(self, train: Dataset | torch.Tensor, val: Dataset | torch.Tensor | None = None) -> dict[str, Any]:
+        """Train the decoders on the normal `train` fibers; `val` (normals) picks the epoch, stops early and
+        sets the likelihood reference (train when there is no val)."""
         p, device = self.p, module_device(self.backbone)
         self.to(device)
+        train, val = as_source(train), (as_source(val) if val is not None and len(val) > 0 else None)
         gen = torch.Generator().manual_seed(p.seed)
         optimizer = torch.optim.Adam(self.decoders.parameters(), lr=p.lr)
-        step = OptimizerStep(optimizer, device, amp=False)  # flows train in fp32: the log-det needs it
-        # the encoder is frozen and there is no augmentation: extract features once, not every epoch
-        train_feats = cache_features(self._features, train, p.batch_size, device)
-        val_feats = cache_features(self._features, val, p.batch_size, device) if val is not None else None
 
-        def train_epoch(_: int) -> float:
-            self.decoders.train()
+        def fiber_steps(feats: list[torch.Tensor], step: OptimizerStep) -> tuple[float, int]:
+            """One image batch → many optimiser steps on random fiber mini-batches of each layer."""
             total, count = 0.0, 0
-            for idx in minibatches(len(train), p.batch_size, gen):
-                fibers = self._fibers([f[idx].to(device) for f in train_feats])
-                for layer, (e, cond, _) in enumerate(fibers):
-                    # random fiber mini-batches: neighbouring positions of one image never share a step
-                    order = torch.randperm(len(e), generator=gen).to(device)
-                    for start in range(0, len(e), p.fiber_batch_size):
-                        sel = order[start : start + p.fiber_batch_size]
-                        if len(sel) < 2:  # a lone leftover fiber is noise, not signal
-                            continue
-                        total += step(-F.logsigmoid(self._log_prob(layer, e[sel], cond[sel])).mean())
-                        count += 1
-            return total / max(count, 1)
+            for layer, (e, cond, _) in enumerate(self._fibers(feats)):
+                # random fiber mini-batches: neighbouring positions of one image never share a step
+                order = torch.randperm(len(e), generator=gen).to(device)
+                for start in range(0, len(e), p.fiber_batch_size):
+                    sel = order[start : start + p.fiber_batch_size]
+                    if len(sel) < 2:  # a lone leftover fiber is noise, not signal
+                        continue
+                    total += step(-F.logsigmoid(self._log_prob(layer, e[sel], cond[sel])).mean())
+                    count += 1
+            return total, count  # the epoch's loss is the mean over its fiber steps
 
-        def val_loss() -> float:
-            self.decoders.eval()
-            return mean_over_batches(self.loss, val_feats, p.batch_size, device)
-
-        # 256-fiber steps are too small to split over threads: on 2 CPU cores one thread trains 1.7x faster
-        # (3 epochs: 14.4 s → 8.3 s with OMP_WAIT_POLICY=PASSIVE); results are deterministic either way
-        with intra_op_threads(1, device):
-            report = fit_epochs(self.decoders, train_epoch, val_loss if val is not None else None, p.epochs, p.patience, self.name)
-            self.eval()
-            self._set_reference(val_feats if val_feats is not None else train_feats, device)
+        # the encoder is frozen and there is no augmentation: features are extracted once, not every epoch
+        train_feats, val_feats = cache_splits(self._features, train, val, p.batch_size, device, p.feature_cache_gb)
+        try:
+            # 256-fiber steps are too small to split over threads: on 2 CPU cores one thread trains 1.7x faster
+            # (3 epochs: 14.4 s → 8.3 s with OMP_WAIT_POLICY=PASSIVE); results are deterministic either way
+            with intra_op_threads(1, device):
+                report = train_loop(
+                    trainable=self.decoders,
+                    optimizer=optimizer,
+                    loss_fn=self.loss,
+                    train=train_feats,
+                    val=val_feats,
+                    # flows train in fp32 (the log-det needs it): `amp` is the encoder's autocast only
+                    settings=LoopSettings(epochs=p.epochs, batch_size=p.batch_size, patience=p.patience),
+                    generator=gen,
+                    device=device,
+                    desc=self.name,
+                    batch_fn=train_feats.to_device,
+                    step_fn=fiber_steps,
+                )
+                self.eval()
+                self._set_reference(val_feats if val_feats is not None else train_feats, device)
+        finally:
+            train_feats.close()
+            if val_feats is not None:
+                val_feats.close()
         report["ref_log_prob"] = self.ref_log_prob.tolist()
+        report["feature_cache"] = {"train": train_feats.mode, "val": val_feats.mode if val_feats is not None else None}
         return report
 
     @torch.no_grad()
-    def _set_reference(self, feats: list[torch.Tensor], device: torch.device) -> None:
-        """ref_log_prob[l] = max over these normals' fibers of layer l's log p / c."""
+    def _set_reference(self, feats: FeatureCache, device: torch.device) -> None:
+        """ref_log_prob[l] = max over these normals' fibers of layer l's log p / c, streamed batch by batch."""
         best = torch.full((len(self.decoders),), -torch.inf, device=device)
-        for idx in minibatches(len(feats[0]), self.p.batch_size):
-            lps = self._layer_log_probs([f[idx].to(device) for f in feats])
+        for batch in loader(feats, self.p.batch_size, pin_memory=device.type == "cuda"):
+            lps = self._layer_log_probs(feats.to_device(batch, device))
             best = torch.maximum(best, torch.stack([lp.max() for lp in lps]))
         self.ref_log_prob.copy_(best)
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        check_images(images, self.name)
+        """One batch (B, C, H, W) float in [0, 1] → (scores (B,), maps (B, H, W)), float32 on CPU."""
         self.eval()
-        return predict_in_batches(self.anomaly_maps, images, self.p.batch_size, module_device(self.backbone))
+        return predict_maps(self.anomaly_maps, images.to(module_device(self.backbone)), self.p.batch_size)

@@ -18,21 +18,16 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
+from torch.utils.data import Dataset
 
-from vadbench.backbones import FeatureExtractor
+from vadbench.backbones import FeatureExtractor, pick
+from vadbench.data.source import as_source
 from vadbench.models.base import AnomalyModel, register_model
-from vadbench.models.components.epoch_loop import fit_epochs, minibatches
+from vadbench.models.components.feature_cache import cache_splits, feature_cache_field
 from vadbench.models.components.flows import AffineCouplingBlock, SequentialFlow, conv_subnet
 from vadbench.models.components.patch_features import module_device
-from vadbench.models.components.training import (
-    OptimizerStep,
-    autocast,
-    cache_features,
-    check_images,
-    check_teacher_layers,
-    mean_over_batches,
-    predict_in_batches,
-)
+from vadbench.models.components.trainer import LoopSettings, autocast, predict_maps
+from vadbench.models.components.trainer import train as train_loop
 from vadbench.schema import StrictModel
 
 
@@ -60,12 +55,13 @@ class FastFlow(AnomalyModel):
         weight_decay: float = Field(1e-5, ge=0)
         patience: int = Field(5, ge=0, description="stop after this many epochs without val improvement; 0 = never")
         amp: bool = Field(False, description="fp16 autocast on CUDA for the teacher only (flows stay fp32)")
+        feature_cache_gb: float = feature_cache_field()
         seed: int = Field(0, ge=0)
 
     def __init__(self, backbone: FeatureExtractor, **params: Any) -> None:
         super().__init__(**params)
         p = self.p
-        check_teacher_layers(self.name, backbone, p.layers)
+        channels = backbone.channels_of(p.layers)
         self.backbone = backbone
         rng = np.random.default_rng(p.seed)  # the fixed channel permutations
         with torch.random.fork_rng(devices=[]):  # seeded init that leaves the global RNG alone
@@ -82,14 +78,14 @@ class FastFlow(AnomalyModel):
                         for i in range(p.flow_steps)
                     ]
                 )
-                for c in backbone.channels
+                for c in channels
             )
         self.to(module_device(backbone))
 
     def _features(self, images: torch.Tensor) -> list[torch.Tensor]:
         """images (B, C, H, W) → per level layer-normalised features (B, c_l, h_l, w_l), fp32."""
         with autocast(images.device, self.p.amp):
-            feats = self.backbone(images)
+            feats = pick(self.backbone(images), self.p.layers)
         # per-sample normalisation over (C, H, W), as the paper does for ResNet features
         return [F.layer_norm(f.float(), f.shape[1:]) for f in feats]
 
@@ -110,36 +106,39 @@ class FastFlow(AnomalyModel):
             maps.append(F.interpolate(-prob, size=size, mode="bilinear", align_corners=False)[:, 0])
         return torch.stack(maps).mean(0)
 
-    def fit(self, train: torch.Tensor, val: torch.Tensor | None = None) -> dict[str, Any]:
-        check_images(train, self.name, "train")
-        if val is not None:
-            check_images(val, self.name, "val")
+    def fit(self, train: Dataset | torch.Tensor, val: Dataset | torch.Tensor | None = None) -> dict[str, Any]:
+        """Train the flows on the normal `train` source; `val` (normals) picks the epoch and stops early."""
         p, device = self.p, module_device(self.backbone)
         self.to(device)
+        train, val = as_source(train), (as_source(val) if val is not None and len(val) > 0 else None)
         gen = torch.Generator().manual_seed(p.seed)
         optimizer = torch.optim.Adam(self.flows.parameters(), lr=p.lr, weight_decay=p.weight_decay)
-        step = OptimizerStep(optimizer, device, amp=False)  # flows train in fp32: the log-det needs it
-        # the backbone is frozen and there is no augmentation: extract features once, not every epoch
-        train_feats = cache_features(self._features, train, p.batch_size, device)
-        val_feats = cache_features(self._features, val, p.batch_size, device) if val is not None else None
-
-        def train_epoch(_: int) -> float:
-            self.flows.train()
-            total = 0.0
-            for idx in minibatches(len(train), p.batch_size, gen):
-                total += step(self.nll([f[idx].to(device) for f in train_feats])) * len(idx)
-            return total / len(train)
-
-        def val_loss() -> float:
-            self.flows.eval()
-            return mean_over_batches(self.nll, val_feats, p.batch_size, device)
-
-        report = fit_epochs(self.flows, train_epoch, val_loss if val is not None else None, p.epochs, p.patience, self.name)
+        # the backbone is frozen and there is no augmentation: features are extracted once, not every epoch
+        train_feats, val_feats = cache_splits(self._features, train, val, p.batch_size, device, p.feature_cache_gb)
+        try:
+            report = train_loop(
+                trainable=self.flows,
+                optimizer=optimizer,
+                loss_fn=self.nll,
+                train=train_feats,
+                val=val_feats,
+                # flows train in fp32 (the log-det needs it): `amp` is the backbone's autocast only
+                settings=LoopSettings(epochs=p.epochs, batch_size=p.batch_size, patience=p.patience),
+                generator=gen,
+                device=device,
+                desc=self.name,
+                batch_fn=train_feats.to_device,
+            )
+        finally:
+            train_feats.close()
+            if val_feats is not None:
+                val_feats.close()
         self.eval()
+        report["feature_cache"] = {"train": train_feats.mode, "val": val_feats.mode if val_feats is not None else None}
         return report
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        check_images(images, self.name)
+        """One batch (B, C, H, W) float in [0, 1] → (scores (B,), maps (B, H, W)), float32 on CPU."""
         self.eval()
-        return predict_in_batches(self.anomaly_maps, images, self.p.batch_size, module_device(self.backbone))
+        return predict_maps(self.anomaly_maps, images.to(module_device(self.backbone)), self.p.batch_size)
