@@ -9,8 +9,10 @@ import torch
 import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 from sklearn.metrics import roc_auc_score
+from torch.utils.data import Dataset
 
 from vadbench.backbones import load_feature_extractor
+from vadbench.data.source import TensorSource
 from vadbench.models import create_model
 
 LAYERS = ["layer1", "layer2", "layer3"]
@@ -34,7 +36,7 @@ def quick(teacher, toy_defect_data):
 @pytest.fixture(scope="module")
 def fitted(teacher, toy_defect_data):
     train, test, labels, _ = toy_defect_data
-    model = create_model("reverse_distillation", backbone=teacher, **FAST)
+    model = create_model("reverse_distillation", backbone=teacher, **FAST).eval()
     # the untrained baseline gets the same validation-fitted map normalisation as the trained model
     model.map_norm.calibrate(model.anomaly_maps, train[20:], 8, torch.device("cpu"), "reverse_distillation")
     before = model.predict(test)
@@ -66,7 +68,7 @@ def test_output_shapes_and_rgb_input(quick, toy_defect_data):
     assert torch.allclose(scores, maps.flatten(1).amax(1))
     rgb_scores, _ = model.predict(test.expand(-1, 3, -1, -1))  # grey replicated = same image
     assert torch.allclose(rgb_scores, scores, atol=1e-6)
-    with pytest.raises(ValueError, match="C = 1 or 3"):
+    with pytest.raises(ValueError, match="1 or 3 image channels"):
         model.predict(test[:, 0])
 
 
@@ -74,11 +76,13 @@ def test_map_is_smoothed_sum_of_scale_cosine_distances(quick, teacher, toy_defec
     model = quick
     test = toy_defect_data[1][:4]
     with torch.no_grad():
-        t_feats = teacher(test)
+        t_feats = list(teacher(test).values())  # {layer: map}, in the extractor's layer order
         s_feats = model.decoder(model.bottleneck(t_feats))
     assert [s.shape for s in s_feats] == [t.shape for t in t_feats]  # the decoder mirrors the encoder
     total = sum(
-        F.interpolate((1 - F.cosine_similarity(t, s, dim=1))[:, None], size=(64, 64), mode="bilinear", align_corners=True)
+        F.interpolate(
+            (1 - F.cosine_similarity(t, s, dim=1))[:, None], size=(64, 64), mode="bilinear", align_corners=True
+        )
         for t, s in zip(t_feats, s_feats)
     )[:, 0].numpy()
     expected = np.stack([gaussian_filter(m, sigma=4) for m in total])  # scipy as the reference smoother
@@ -92,16 +96,73 @@ def test_map_is_smoothed_sum_of_scale_cosine_distances(quick, teacher, toy_defec
 
 @pytest.mark.parametrize(
     "bad",
-    [dict(epochs=0), dict(lr=-1.0), dict(beta1=1.0), dict(sigma=-1.0), dict(blocks=0), dict(layers=["layer1", "layer2"]), dict(epochs="3")],
+    [
+        dict(epochs=0),
+        dict(lr=-1.0),
+        dict(beta1=1.0),
+        dict(sigma=-1.0),
+        dict(blocks=0),
+        dict(layers=["layer1", "layer2"]),
+        dict(epochs="3"),
+    ],
 )
 def test_params_rejected(teacher, bad):
     with pytest.raises(pydantic.ValidationError):
         create_model("reverse_distillation", backbone=teacher, **bad)
 
 
-def test_layers_must_match_teacher(teacher, random_backbone_dir):
-    with pytest.raises(ValueError, match="backbone returns"):
+def test_layers_are_picked_by_name(teacher, random_backbone_dir, toy_defect_data):
+    with pytest.raises(ValueError, match=r"missing \['layer4'\]"):
         create_model("reverse_distillation", backbone=teacher, layers=["layer2", "layer3", "layer4"])
-    skipping = load_feature_extractor(random_backbone_dir, ["layer1", "layer3", "layer4"])
+    wide = load_feature_extractor(random_backbone_dir, ["layer1", "layer2", "layer3", "layer4"])
     with pytest.raises(ValueError, match="twice the previous"):
-        create_model("reverse_distillation", backbone=skipping, layers=["layer1", "layer3", "layer4"])
+        create_model("reverse_distillation", backbone=wide, layers=["layer1", "layer3", "layer4"])
+    # a teacher with more layers than the model uses: the model takes its three by name
+    model = create_model("reverse_distillation", backbone=wide, layers=["layer2", "layer3", "layer4"], blocks=1).eval()
+    test = toy_defect_data[1][:2]
+    with torch.no_grad():
+        feats = wide(test)
+        pairs = model._pairs(test)
+    assert [t.shape for t, _ in pairs] == [feats[name].shape for name in ["layer2", "layer3", "layer4"]]
+    assert [s.shape for _, s in pairs] == [t.shape for t, _ in pairs]
+    assert torch.equal(pairs[0][0], feats["layer2"])
+
+
+class Uint8Stream(Dataset):
+    """An ImageSource-like stream: uint8 (C, H, W) items decoded on access, no `image_shape`, no tensor inside."""
+
+    def __init__(self, images: torch.Tensor) -> None:
+        self.arrays = [(img * 255).round().to(torch.uint8).numpy() for img in images]
+
+    def __len__(self) -> int:
+        return len(self.arrays)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return torch.from_numpy(self.arrays[i].copy())
+
+
+def test_fit_from_uint8_stream_equals_fit_from_float_tensor(quick, teacher, toy_defect_data):
+    train, test = toy_defect_data[0], toy_defect_data[1][:4]
+    streamed = create_model("reverse_distillation", backbone=teacher, **dict(epochs=1, batch_size=4, seed=0))
+    report = streamed.fit(Uint8Stream(train[:4]), TensorSource((train[20:22] * 255).round().to(torch.uint8)))
+    assert report["epochs_run"] == 1 and len(report["val_loss"]) == 1
+    for key, value in quick.learned_state().items():
+        assert torch.equal(streamed.learned_state()[key], value), key
+    for a, b in zip(streamed.predict(test), quick.predict(test)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_predict_sub_batches_one_batch(quick, toy_defect_data):
+    test = toy_defect_data[1][:6]  # batch_size 4: predict runs the batch as 4 + 2
+    scores, maps = quick.predict(test)
+    parts = [quick.predict(test[i : i + 1]) for i in range(6)]
+    torch.testing.assert_close(scores, torch.cat([p[0] for p in parts]), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(maps, torch.cat([p[1] for p in parts]), atol=1e-4, rtol=1e-4)
+
+
+def test_per_position_needs_validation_before_training(teacher, toy_defect_data):
+    model = create_model("reverse_distillation", backbone=teacher, epochs=1, batch_size=4)
+    with pytest.raises(ValueError, match="needs at least 2 validation images"):
+        model.fit(toy_defect_data[0][:4], None)
+    with pytest.raises(ValueError, match="train split is empty"):
+        model.fit(toy_defect_data[0][:0], toy_defect_data[0][20:22])

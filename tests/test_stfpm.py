@@ -7,8 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
+from torch.utils.data import Dataset
 
 from vadbench.backbones import load_feature_extractor
+from vadbench.data.source import TensorSource
 from vadbench.models import create_model
 
 LAYERS = ["layer1", "layer2", "layer3"]
@@ -32,7 +34,7 @@ def quick(teacher, toy_defect_data):
 @pytest.fixture(scope="module")
 def fitted(teacher, toy_defect_data):
     train, test, labels, _ = toy_defect_data
-    model = create_model("stfpm", backbone=teacher, **FAST)
+    model = create_model("stfpm", backbone=teacher, **FAST).eval()
     # the untrained baseline gets the same validation-fitted map normalisation as the trained model
     model.map_norm.calibrate(model.anomaly_maps, train[20:], 8, torch.device("cpu"), "stfpm")
     before = model.predict(test)
@@ -66,7 +68,7 @@ def test_output_shapes_and_rgb_input(quick, toy_defect_data):
     assert torch.allclose(scores, maps.flatten(1).amax(1))
     rgb_scores, _ = model.predict(test.expand(-1, 3, -1, -1))  # grey replicated = same image
     assert torch.allclose(rgb_scores, scores, atol=1e-6)
-    with pytest.raises(ValueError, match="C = 1 or 3"):
+    with pytest.raises(ValueError, match="1 or 3 image channels"):
         model.predict(test[:, 0])
 
 
@@ -77,7 +79,7 @@ def test_map_is_product_or_sum_of_layer_cosine_distances(quick, teacher, toy_def
     summed.eval()  # predict would switch to eval itself; anomaly_maps alone does not
     test = toy_defect_data[1][:4]
     with torch.no_grad():
-        t_feats = teacher(test)
+        t_feats = list(teacher(test).values())  # {layer: map}, in the extractor's layer order
         s_feats = model.student(teacher.normalize(test))
     layer_maps = [
         F.interpolate((1 - F.cosine_similarity(t, s, dim=1))[:, None], size=(64, 64), mode="bilinear")[:, 0]
@@ -101,6 +103,60 @@ def test_params_rejected(teacher, bad):
         create_model("stfpm", backbone=teacher, **bad)
 
 
-def test_layers_must_match_teacher(teacher):
-    with pytest.raises(ValueError, match="backbone returns"):
-        create_model("stfpm", backbone=teacher, layers=["layer2", "layer3"])
+def test_layers_are_picked_by_name(teacher, random_backbone_dir, toy_defect_data):
+    with pytest.raises(ValueError, match=r"missing \['layer4'\]"):
+        create_model("stfpm", backbone=teacher, layers=["layer2", "layer4"])
+    # a teacher built with more layers than the model uses: the model takes its own by name
+    wide = load_feature_extractor(random_backbone_dir, ["layer1", "layer2", "layer3", "layer4"])
+    model = create_model("stfpm", backbone=wide, layers=["layer3", "layer2"], map_aggregation="sum").eval()
+    test = toy_defect_data[1][:2]
+    with torch.no_grad():
+        feats = wide(test)
+        s_feats = model.student(wide.normalize(test))
+        expected = sum(
+            F.interpolate((1 - F.cosine_similarity(feats[name], s, dim=1))[:, None], size=(64, 64), mode="bilinear")[
+                :, 0
+            ]
+            for name, s in zip(["layer2", "layer3"], s_feats)  # the student net returns network order
+        )
+        torch.testing.assert_close(model.anomaly_maps(test), expected, atol=1e-5, rtol=1e-5)
+
+
+class Uint8Stream(Dataset):
+    """An ImageSource-like stream: uint8 (C, H, W) items decoded on access, no `image_shape`, no tensor inside."""
+
+    def __init__(self, images: torch.Tensor) -> None:
+        self.arrays = [(img * 255).round().to(torch.uint8).numpy() for img in images]
+
+    def __len__(self) -> int:
+        return len(self.arrays)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return torch.from_numpy(self.arrays[i].copy())
+
+
+def test_fit_from_uint8_stream_equals_fit_from_float_tensor(quick, teacher, toy_defect_data):
+    train, test = toy_defect_data[0], toy_defect_data[1][:4]
+    streamed = create_model("stfpm", backbone=teacher, **dict(epochs=1, batch_size=4, seed=0))
+    report = streamed.fit(Uint8Stream(train[:4]), TensorSource((train[20:22] * 255).round().to(torch.uint8)))
+    assert report["epochs_run"] == 1 and len(report["val_loss"]) == 1
+    for key, value in quick.learned_state().items():
+        assert torch.equal(streamed.learned_state()[key], value), key
+    for a, b in zip(streamed.predict(test), quick.predict(test)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_predict_sub_batches_one_batch(quick, toy_defect_data):
+    test = toy_defect_data[1][:6]  # batch_size 4: predict runs the batch as 4 + 2
+    scores, maps = quick.predict(test)
+    parts = [quick.predict(test[i : i + 1]) for i in range(6)]
+    torch.testing.assert_close(scores, torch.cat([p[0] for p in parts]), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(maps, torch.cat([p[1] for p in parts]), atol=1e-4, rtol=1e-4)
+
+
+def test_per_position_needs_validation_before_training(teacher, toy_defect_data):
+    model = create_model("stfpm", backbone=teacher, epochs=1, batch_size=4)
+    with pytest.raises(ValueError, match="needs at least 2 validation images"):
+        model.fit(toy_defect_data[0][:4], None)
+    with pytest.raises(ValueError, match="train split is empty"):
+        model.fit(toy_defect_data[0][:0], toy_defect_data[0][20:22])

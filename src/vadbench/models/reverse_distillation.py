@@ -21,21 +21,16 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
+from torch.utils.data import Dataset
 
-from vadbench.backbones import FeatureExtractor
+from vadbench.backbones import FeatureExtractor, pick
+from vadbench.data.source import as_source
 from vadbench.models.base import AnomalyModel, register_model
+from vadbench.models.components import trainer
 from vadbench.models.components.map_normalization import MapNormalization, PositionalMapNorm
-from vadbench.models.components.epoch_loop import fit_epochs, minibatches
 from vadbench.models.components.patch_features import module_device
 from vadbench.models.components.smoothing import gaussian_blur
-from vadbench.models.components.training import (
-    OptimizerStep,
-    autocast,
-    check_images,
-    check_teacher_layers,
-    mean_over_batches,
-    predict_in_batches,
-)
+from vadbench.models.components.trainer import LoopSettings, predict_maps
 from vadbench.schema import StrictModel
 
 
@@ -108,7 +103,9 @@ class ReverseDecoder(nn.Module):
         c1, c2, c3 = channels
 
         def stage(c_in: int, c_out: int) -> nn.Sequential:
-            return nn.Sequential(UpBlock(c_in, c_out, up=True), *[UpBlock(c_out, c_out, up=False) for _ in range(blocks - 1)])
+            return nn.Sequential(
+                UpBlock(c_in, c_out, up=True), *[UpBlock(c_out, c_out, up=False) for _ in range(blocks - 1)]
+            )
 
         self.stage3, self.stage2, self.stage1 = stage(2 * c3, c3), stage(c3, c2), stage(c2, c1)
 
@@ -151,24 +148,24 @@ class ReverseDistillation(AnomalyModel):
     def __init__(self, backbone: FeatureExtractor, **params: Any) -> None:
         super().__init__(**params)
         p = self.p
-        check_teacher_layers(self.name, backbone, p.layers)
-        steps = [b / a for a, b in zip(backbone.reductions, backbone.reductions[1:])]
-        if steps != [2, 2]:
+        channels = backbone.channels_of(p.layers)  # the teacher must return all three scales (by name)
+        strides = [backbone.reductions[name] for name in p.layers]
+        if [b / a for a, b in zip(strides, strides[1:])] != [2, 2]:
             raise ValueError(
-                f"reverse_distillation: layers {p.layers} have strides {backbone.reductions}; each must be twice the "
+                f"reverse_distillation: layers {p.layers} have strides {strides}; each must be twice the "
                 "previous (e.g. ResNet layer1–3)"
             )
         self.backbone = backbone
         with torch.random.fork_rng(devices=[]):  # seeded init that leaves the global RNG alone
             torch.manual_seed(p.seed)
-            self.bottleneck = OneClassBottleneck(backbone.channels, p.blocks)
-            self.decoder = ReverseDecoder(backbone.channels, p.blocks)
+            self.bottleneck = OneClassBottleneck(channels, p.blocks)
+            self.decoder = ReverseDecoder(channels, p.blocks)
         self.map_norm = PositionalMapNorm(p.map_normalization)
         self.to(module_device(backbone))
 
     def _pairs(self, images: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """images (B, C, H, W) → per scale (teacher (B, c_l, h_l, w_l), student reconstruction of it)."""
-        teacher = self.backbone(images)
+        teacher = pick(self.backbone(images), self.p.layers)
         student = self.decoder(self.bottleneck(teacher))
         return [(t.float(), s.float()) for t, s in zip(teacher, student)]
 
@@ -188,33 +185,27 @@ class ReverseDistillation(AnomalyModel):
     def _trainable(self) -> nn.ModuleDict:
         return nn.ModuleDict({"bottleneck": self.bottleneck, "decoder": self.decoder})
 
-    def fit(self, train: torch.Tensor, val: torch.Tensor | None = None) -> dict[str, Any]:
-        check_images(train, self.name, "train")
-        if val is not None:
-            check_images(val, self.name, "val")
+    def fit(self, train: Dataset | torch.Tensor, val: Dataset | torch.Tensor | None = None) -> dict[str, Any]:
+        """Train OCBE + decoder on a stream of normal images (the shared loop: seeded order, early stopping on
+        the validation loss, best epoch kept), then fit the map normalisation on the validation stream."""
         p, device = self.p, module_device(self.backbone)
+        train, val = as_source(train), as_source(val) if val is not None else None
+        self.map_norm.check_val(val, self.name)  # fail before training, not after
         self.to(device)
-        gen = torch.Generator().manual_seed(p.seed)
         student = self._trainable()
-        optimizer = torch.optim.Adam(student.parameters(), lr=p.lr, betas=(p.beta1, p.beta2))
-        step = OptimizerStep(optimizer, device, p.amp)
-
-        def train_epoch(_: int) -> float:
-            student.train()
-            total = 0.0
-            for idx in minibatches(len(train), p.batch_size, gen):
-                with autocast(device, p.amp):
-                    loss = self.loss(train[idx].to(device))
-                total += step(loss) * len(idx)  # backward outside autocast, as torch.amp recommends
-            return total / len(train)
-
-        def val_loss() -> float:
-            student.eval()
-            return mean_over_batches(self.loss, val, p.batch_size, device)
-
-        report = fit_epochs(student, train_epoch, val_loss if val is not None else None, p.epochs, p.patience, self.name)
+        report = trainer.train(
+            trainable=student,
+            optimizer=torch.optim.Adam(student.parameters(), lr=p.lr, betas=(p.beta1, p.beta2)),
+            loss_fn=self.loss,
+            train=train,
+            val=val,
+            settings=LoopSettings(epochs=p.epochs, batch_size=p.batch_size, patience=p.patience, amp=p.amp),
+            generator=torch.Generator().manual_seed(p.seed),
+            device=device,
+            desc=self.name,
+        )
         self.eval()
-        self.map_norm.calibrate(self.anomaly_maps, val, p.batch_size, device, self.name)  # runs under no_grad
+        self.map_norm.calibrate(self.anomaly_maps, val, p.batch_size, device, self.name)  # streamed, no_grad
         return report
 
     def normalized_maps(self, images: torch.Tensor) -> torch.Tensor:
@@ -223,6 +214,7 @@ class ReverseDistillation(AnomalyModel):
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        check_images(images, self.name)
+        """One batch (B, C, H, W) in [0, 1] → (scores (B,), maps (B, H, W)), float32 on CPU."""
         self.eval()
-        return predict_in_batches(self.normalized_maps, images, self.p.batch_size, module_device(self.backbone))
+        x = images.to(module_device(self.backbone), torch.float32)
+        return predict_maps(self.normalized_maps, x, self.p.batch_size)

@@ -13,20 +13,15 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from pydantic import Field
+from torch.utils.data import Dataset
 
-from vadbench.backbones import FeatureExtractor, build_feature_net
+from vadbench.backbones import FeatureExtractor, build_feature_net, pick
+from vadbench.data.source import as_source
 from vadbench.models.base import AnomalyModel, register_model
+from vadbench.models.components import trainer
 from vadbench.models.components.map_normalization import MapNormalization, PositionalMapNorm
-from vadbench.models.components.epoch_loop import fit_epochs, minibatches
 from vadbench.models.components.patch_features import module_device
-from vadbench.models.components.training import (
-    OptimizerStep,
-    autocast,
-    check_images,
-    check_teacher_layers,
-    mean_over_batches,
-    predict_in_batches,
-)
+from vadbench.models.components.trainer import LoopSettings, predict_maps
 from vadbench.schema import StrictModel
 
 
@@ -59,18 +54,22 @@ class STFPM(AnomalyModel):
     def __init__(self, backbone: FeatureExtractor, **params: Any) -> None:
         super().__init__(**params)
         p = self.p
-        check_teacher_layers(self.name, backbone, p.layers)
+        backbone.require(p.layers)  # the teacher must return every pyramid layer (by name)
         self.backbone = backbone
         with torch.random.fork_rng(devices=[]):  # a seeded student init that leaves the global RNG alone
             torch.manual_seed(p.seed)
             self.student = build_feature_net(backbone.arch, p.layers)
+        # timm returns features in network order whatever the order of `layers`: name them so
+        info = self.student.feature_info
+        self._student_layers = [info.info[i]["module"] for i in sorted(info.out_indices)]
         self.student.to(module_device(backbone))
         self.map_norm = PositionalMapNorm(p.map_normalization)
 
     def _pairs(self, images: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """images (B, C, H, W) → per layer (t̂, ŝ), each (B, C_l, h_l, w_l), unit-norm along channels."""
-        teacher = self.backbone(images)
-        student = self.student(self.backbone.normalize(images))  # same input normalisation as the teacher
+        teacher = pick(self.backbone(images), self.p.layers)
+        out = self.student(self.backbone.normalize(images))  # same input normalisation as the teacher
+        student = pick(dict(zip(self._student_layers, out, strict=True)), self.p.layers)
         return [(F.normalize(t.float(), dim=1), F.normalize(s.float(), dim=1)) for t, s in zip(teacher, student)]
 
     def loss(self, images: torch.Tensor) -> torch.Tensor:
@@ -90,32 +89,29 @@ class STFPM(AnomalyModel):
                 out = out * layer if self.p.map_aggregation == "product" else out + layer
         return out
 
-    def fit(self, train: torch.Tensor, val: torch.Tensor | None = None) -> dict[str, Any]:
-        check_images(train, self.name, "train")
-        if val is not None:
-            check_images(val, self.name, "val")
+    def fit(self, train: Dataset | torch.Tensor, val: Dataset | torch.Tensor | None = None) -> dict[str, Any]:
+        """Train the student on a stream of normal images (the shared loop: seeded order, early stopping on
+        the validation loss, best epoch kept), then fit the map normalisation on the validation stream."""
         p, device = self.p, module_device(self.backbone)
+        train, val = as_source(train), as_source(val) if val is not None else None
+        self.map_norm.check_val(val, self.name)  # fail before training, not after
         self.to(device)
-        gen = torch.Generator().manual_seed(p.seed)
-        optimizer = torch.optim.SGD(self.student.parameters(), lr=p.lr, momentum=p.momentum, weight_decay=p.weight_decay)
-        step = OptimizerStep(optimizer, device, p.amp)
-
-        def train_epoch(_: int) -> float:
-            self.student.train()
-            total = 0.0
-            for idx in minibatches(len(train), p.batch_size, gen):
-                with autocast(device, p.amp):
-                    loss = self.loss(train[idx].to(device))
-                total += step(loss) * len(idx)  # backward outside autocast, as torch.amp recommends
-            return total / len(train)
-
-        def val_loss() -> float:
-            self.student.eval()
-            return mean_over_batches(self.loss, val, p.batch_size, device)
-
-        report = fit_epochs(self.student, train_epoch, val_loss if val is not None else None, p.epochs, p.patience, "stfpm")
+        optimizer = torch.optim.SGD(
+            self.student.parameters(), lr=p.lr, momentum=p.momentum, weight_decay=p.weight_decay
+        )
+        report = trainer.train(
+            trainable=self.student,
+            optimizer=optimizer,
+            loss_fn=self.loss,
+            train=train,
+            val=val,
+            settings=LoopSettings(epochs=p.epochs, batch_size=p.batch_size, patience=p.patience, amp=p.amp),
+            generator=torch.Generator().manual_seed(p.seed),
+            device=device,
+            desc=self.name,
+        )
         self.eval()
-        self.map_norm.calibrate(self.anomaly_maps, val, p.batch_size, device, self.name)  # runs under no_grad
+        self.map_norm.calibrate(self.anomaly_maps, val, p.batch_size, device, self.name)  # streamed, no_grad
         return report
 
     def normalized_maps(self, images: torch.Tensor) -> torch.Tensor:
@@ -124,6 +120,7 @@ class STFPM(AnomalyModel):
 
     @torch.no_grad()
     def predict(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        check_images(images, self.name)
+        """One batch (B, C, H, W) in [0, 1] → (scores (B,), maps (B, H, W)), float32 on CPU."""
         self.eval()
-        return predict_in_batches(self.normalized_maps, images, self.p.batch_size, module_device(self.backbone))
+        x = images.to(module_device(self.backbone), torch.float32)
+        return predict_maps(self.normalized_maps, x, self.p.batch_size)
