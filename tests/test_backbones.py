@@ -121,7 +121,7 @@ def test_fractal_card_normalisation_reaches_the_feature_extractor(tmp_path):
     fx = load_feature_extractor(tmp_path / "fractal", ["layer2"])
     assert fx.mean.flatten().tolist() == pytest.approx([0.2] * 3) and fx.std.flatten().tolist() == pytest.approx([0.5] * 3)
     x = torch.rand(2, 1, 64, 64)
-    ours = fx(x)[0]
+    ours = fx(x)["layer2"]
     assert torch.allclose(ours, fx.net((x.expand(-1, 3, -1, -1) - 0.2) / 0.5)[0])
     imagenet_fed = fx.net((x.expand(-1, 3, -1, -1) - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
                           / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))[0]
@@ -147,10 +147,17 @@ def test_extractor_is_frozen_and_batched_extraction_matches(random_backbone_dir)
     x = torch.rand(5, 1, 32, 32)
     whole = fx(x)
     parts = fx.extract(x, batch_size=2)
-    assert [f.shape for f in parts] == [(5, 64, 8, 8), (5, 256, 2, 2)]
-    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(whole, parts))
+    assert {k: tuple(f.shape) for k, f in parts.items()} == {"layer1": (5, 64, 8, 8), "layer3": (5, 256, 2, 2)}
+    assert fx.channels == {"layer1": 64, "layer3": 256} and fx.channels_of(["layer3"]) == [256]
+    assert all(torch.allclose(whole[k], parts[k], atol=1e-5) for k in whole)
     fast = load_feature_extractor(random_backbone_dir, ["layer1", "layer3"], channels_last=True)
-    assert all(f.is_contiguous() and torch.allclose(f, w, atol=1e-4) for f, w in zip(fast(x), whole))
+    assert all(f.is_contiguous() and torch.allclose(f, whole[k], atol=1e-4) for k, f in fast(x).items())
+    # names, not positions: layers listed out of network order still get their own maps
+    rev = load_feature_extractor(random_backbone_dir, ["layer3", "layer1"])
+    assert rev.channels == {"layer1": 64, "layer3": 256}
+    assert all(torch.allclose(rev(x)[k], whole[k], atol=1e-5) for k in whole)
+    with pytest.raises(ValueError, match="missing"):
+        fx.channels_of(["layer2"])
     with pytest.raises(ValueError, match="layer9"):
         load_feature_extractor(random_backbone_dir, ["layer9"])
 

@@ -37,8 +37,9 @@ def stage_main(run: Callable[..., Any], argv: list[str] | None = None, n_args: i
 
     from vadbench.data.source import set_loader_workers
 
-    torch.set_num_threads(params.threads)  # pinned: CPU results depend on the intra-op thread count
-    set_loader_workers(params.loader_workers)
+    if getattr(params, "threads", None):
+        torch.set_num_threads(params.threads)  # pinned: CPU results depend on the intra-op thread count
+    set_loader_workers(getattr(params, "loader_workers", 0))
     try:
         run(params, *args)
     except USER_ERRORS as err:

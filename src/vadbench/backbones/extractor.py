@@ -22,7 +22,8 @@ def build_feature_net(arch: str, layers: Sequence[str], weights_file: Path | Non
     unknown = [name for name in layers if name not in names]
     if unknown:
         raise ValueError(f"layers {unknown} are not feature layers of {arch!r}; available: {names}")
-    out_indices = tuple(names.index(name) for name in layers)
+    # timm returns features in network order whatever order out_indices has: ask in that order
+    out_indices = tuple(sorted(names.index(name) for name in set(layers)))
     if weights_file is None:
         return timm.create_model(arch, pretrained=False, features_only=True, out_indices=out_indices)
     return timm.create_model(
@@ -51,7 +52,10 @@ class FeatureExtractor(nn.Module):
         self.channels_last = channels_last
         self.net = net.to(memory_format=torch.channels_last) if channels_last else net
         self.arch = arch
-        self.layers = list(layers)
+        # the net's own module names, in network order (the order its outputs come in)
+        self.layers = list(net.feature_info.module_name())
+        if sorted(self.layers) != sorted(set(layers)):
+            raise ValueError(f"feature net returns {self.layers}, asked for {list(layers)}")
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         info = net.feature_info
