@@ -19,6 +19,7 @@ _BUILTIN = (
     "cutpaste",
     "sparse_ae",
     "deep_ae",
+    "gaussian_ad",
 )
 for _mod in _BUILTIN:
     importlib.import_module(f"vadbench.models.{_mod}")
