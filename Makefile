@@ -12,12 +12,13 @@ export OMP_NUM_THREADS ?= $(shell nproc 2>/dev/null || echo 2)
 # Spinning OpenMP waits made 2-thread training 5-10x slower whenever anything else ran (measured).
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: repro test test-fast verify validate install bench profile-paper clean-data help
+.PHONY: repro test test-fast lint verify validate install bench profile-paper clean-data help
 
 help:
 	@echo "make repro          install (if needed), validate params.yaml, dvc repro"
 	@echo "make test           install with test extras (if needed), run the whole test suite"
 	@echo "make test-fast      the suite without tests marked slow"
+	@echo "make lint           ruff check + ruff format --check (part of make test)"
 	@echo "make verify         small grid twice from clean: byte-identical outputs and dvc.lock (docs/CI.md)"
 	@echo "make bench          run benchmarks/ (writes benchmarks/results/*.md)"
 	@echo "make profile-paper  switch params.yaml to the paper-scale profile (profiles/paper.yaml)"
@@ -41,7 +42,11 @@ repro: validate
 	$(BIN)/dvc repro
 
 # the offline plots-page test needs headless Chromium and the pinned vega builds (plots-deps)
-test: $(STAMP) plots-deps
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: $(STAMP) plots-deps lint
 	$(BIN)/python -m pytest -q
 
 test-fast: $(STAMP) plots-deps

@@ -97,9 +97,11 @@ def search_time(n_classes: int, sampler: str = "fractaldb") -> dict:
         res = pool.map(_search_one, [(sampler, c) for c in range(n_classes)], chunksize=4)
     dt = time.perf_counter() - t
     tries, cpu = zip(*res)
-    return {f"{sampler} search: {n_classes} classes, 2 workers, wall (s)": dt,
-            f"{sampler} search: same, total CPU time / 2 workers (s)": sum(cpu) / 2,
-            f"{sampler} search: candidates per accepted class": sum(tries) / n_classes}
+    return {
+        f"{sampler} search: {n_classes} classes, 2 workers, wall (s)": dt,
+        f"{sampler} search: same, total CPU time / 2 workers (s)": sum(cpu) / 2,
+        f"{sampler} search: candidates per accepted class": sum(tries) / n_classes,
+    }
 
 
 RSS_CODE = """
@@ -139,11 +141,13 @@ def paper_class(repeats: int) -> dict:
         kib = sum(f.stat().st_size for f in pngs) / len(pngs) / 1024
     w, c = float(np.median(wall)), float(np.median(cpu))
     # classes are independent tasks: 16 workers each take 1000/16 classes (plus ~1 s worker start)
-    return {"FractalDB-1k class (1000 img: search+250 renders+1000 PNG+write), one core, wall (s, median)": w,
-            "same, CPU time (s, median)": c,
-            "PNG size at 362² (KiB, mean)": kib,
-            "FractalDB-1k extrapolated: 1000 classes / 16 cores, from wall (min)": w * 1000 / 16 / 60,
-            "FractalDB-1k extrapolated: 1000 classes / 16 cores, from CPU time (min)": c * 1000 / 16 / 60}
+    return {
+        "FractalDB-1k class (1000 img: search+250 renders+1000 PNG+write), one core, wall (s, median)": w,
+        "same, CPU time (s, median)": c,
+        "PNG size at 362² (KiB, mean)": kib,
+        "FractalDB-1k extrapolated: 1000 classes / 16 cores, from wall (min)": w * 1000 / 16 / 60,
+        "FractalDB-1k extrapolated: 1000 classes / 16 cores, from CPU time (min)": c * 1000 / 16 / 60,
+    }
 
 
 def main() -> None:
@@ -156,7 +160,9 @@ def main() -> None:
     load_before = _load()
     results: dict = {}
     steps = [
-        ("jit", jit_times), ("render", lambda: render_rate(args.repeats)), ("rss", peak_rss),
+        ("jit", jit_times),
+        ("render", lambda: render_rate(args.repeats)),
+        ("rss", peak_rss),
         ("search", lambda: search_time(args.search_classes)),
         ("search sigma", lambda: search_time(max(args.search_classes // 10, 10), "sigma")),
         ("paper class", lambda: paper_class(5)),

@@ -54,14 +54,21 @@ def child(n: int, chunk: int, check: bool) -> None:
         t0 = time.perf_counter()
         got = pixel_metrics(maps, masks, fpr_limit=0.3, chunk_pixels=chunk)
         seconds = time.perf_counter() - t0
-    out = {"seconds": seconds, "peak_rss": mem.peak_rss_bytes, "delta_rss": mem.peak_rss_delta_bytes,
-           "defect_frac": float(masks.mean()), "metrics": got}
+    out = {
+        "seconds": seconds,
+        "peak_rss": mem.peak_rss_bytes,
+        "delta_rss": mem.peak_rss_delta_bytes,
+        "defect_frac": float(masks.mean()),
+        "metrics": got,
+    }
     if check:  # the same numbers from scikit-learn on the flattened arrays, and its cost
         from sklearn.metrics import average_precision_score, roc_auc_score
 
         t0 = time.perf_counter()
-        ref = {"pixel_auroc": roc_auc_score(masks.ravel(), maps.ravel()),
-               "pixel_aupr": average_precision_score(masks.ravel(), maps.ravel())}
+        ref = {
+            "pixel_auroc": roc_auc_score(masks.ravel(), maps.ravel()),
+            "pixel_aupr": average_precision_score(masks.ravel(), maps.ravel()),
+        }
         out["sklearn_seconds"] = time.perf_counter() - t0
         out["max_abs_diff_vs_sklearn"] = max(abs(got[k] - v) for k, v in ref.items())
     print(json.dumps(out))
@@ -98,14 +105,17 @@ def main() -> None:
 
     gib = 1024**3
     lines = [
-        "# Pixel metrics: speed and memory", "",
+        "# Pixel metrics: speed and memory",
+        "",
         f"Exact pixel AUROC, AP, F1-max and AUPRO@0.3 (`vadbench.metrics.pixel_metrics`) on synthetic maps "
         f"256x256, every other image with blobs (defect fraction of all pixels "
         f"{runs[configs[0]][0]['defect_frac']:.4f}). Fresh process per run; peak RSS = kernel VmHWM during "
         f"the call, inputs ({n_full} x 256 x 256 float32 maps + uint8 masks) included. "
-        f"Median (min-max) of {args.repeats} alternating runs.", "",
+        f"Median (min-max) of {args.repeats} alternating runs.",
+        "",
         f"Machine: {os.cpu_count()} CPUs, shared with other jobs; load average before "
-        f"{load_before[0]:.2f}, after {load_after[0]:.2f} (1 min).", "",
+        f"{load_before[0]:.2f}, after {load_after[0]:.2f} (1 min).",
+        "",
         "| images | pixels | chunk_pixels | seconds | peak RSS GiB | RSS added by call GiB |",
         "|---:|---:|---:|---:|---:|---:|",
     ]
@@ -119,10 +129,13 @@ def main() -> None:
         )
     m = runs[configs[0]][0]["metrics"]
     lines += [
-        "", f"Metrics of the default run: {json.dumps({k: v for k, v in m.items() if k != 'na_reasons'})}", "",
+        "",
+        f"Metrics of the default run: {json.dumps({k: v for k, v in m.items() if k != 'na_reasons'})}",
+        "",
         f"Check on 100 images (6.6 M pixels): max |difference| to scikit-learn AUROC/AP "
         f"{check['max_abs_diff_vs_sklearn']:.1e}; ours {check['seconds']:.2f} s vs scikit-learn (AUROC + AP only) "
-        f"{check['sklearn_seconds']:.2f} s.", "",
+        f"{check['sklearn_seconds']:.2f} s.",
+        "",
         "Target: <= 20 s and <= 2 GiB for 1,000 images.",
     ]
     text = "\n".join(lines) + "\n"

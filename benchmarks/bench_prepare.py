@@ -87,22 +87,38 @@ def main() -> None:
         walls, cpus, rss = [], [], []
         for k in range(args.repeats):
             load = os.getloadavg()[0]
-            res = subprocess.run([sys.executable, "-c", CHILD, str(src), str(Path(tmp) / f"out{k}"), str(args.image_size),
-                                  str(args.workers)],
-                                 capture_output=True, text=True, check=True)
+            res = subprocess.run(
+                [
+                    sys.executable,
+                    "-c",
+                    CHILD,
+                    str(src),
+                    str(Path(tmp) / f"out{k}"),
+                    str(args.image_size),
+                    str(args.workers),
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             wall, n_images, base, peak, cpu = res.stdout.split()
             walls.append(float(wall))
             cpus.append(float(cpu))
             rss.append((float(base), float(peak)))
-            print(f"repeat {k}: {float(wall):.1f} s wall, {float(cpu):.1f} s CPU (incl. import), {n_images} images, "
-                  f"main peak RSS {float(base):.0f} MiB after imports → {float(peak):.0f} MiB after prepare, "
-                  f"load1 {load:.2f}", flush=True)
+            print(
+                f"repeat {k}: {float(wall):.1f} s wall, {float(cpu):.1f} s CPU (incl. import), {n_images} images, "
+                f"main peak RSS {float(base):.0f} MiB after imports → {float(peak):.0f} MiB after prepare, "
+                f"load1 {load:.2f}",
+                flush=True,
+            )
             shutil.rmtree(Path(tmp) / f"out{k}")
-    line = (f"| {time.strftime('%Y-%m-%d %H:%M')} | {args.n} | {args.size}→{args.image_size} | {args.workers} | "
-            f"{args.repeats} | {statistics.median(walls):.1f} | {min(walls):.1f}–{max(walls):.1f} | "
-            f"{statistics.median(cpus):.1f} | "
-            f"{max(r[0] for r in rss):.0f} → {max(r[1] for r in rss):.0f} | "
-            f"{os.getloadavg()[0]:.2f} |")
+    line = (
+        f"| {time.strftime('%Y-%m-%d %H:%M')} | {args.n} | {args.size}→{args.image_size} | {args.workers} | "
+        f"{args.repeats} | {statistics.median(walls):.1f} | {min(walls):.1f}–{max(walls):.1f} | "
+        f"{statistics.median(cpus):.1f} | "
+        f"{max(r[0] for r in rss):.0f} → {max(r[1] for r in rss):.0f} | "
+        f"{os.getloadavg()[0]:.2f} |"
+    )
     print(line)
     if args.out:
         with open(args.out, "a") as fh:

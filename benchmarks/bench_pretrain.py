@@ -53,15 +53,18 @@ def child(kind: str, size: int, batch: int, variant: str, iters: int) -> dict:
         times: dict[str, list[float]] = {k: [] for k in nets}
         with torch.no_grad():
             for i in range(2 + 2 * iters):
-                for k in (("eager", "channels_last") if i % 2 else ("channels_last", "eager")):
+                for k in ("eager", "channels_last") if i % 2 else ("channels_last", "eager"):
                     t0 = time.perf_counter()
                     nets[k](xs[k])
                     if i >= 2:
                         times[k].append(time.perf_counter() - t0)
         ratio = statistics.median(a / b for a, b in zip(times["eager"], times["channels_last"]))
-        return {**info, "images_per_s": batch / statistics.median(times["eager"]),
-                "channels_last_images_per_s": batch / statistics.median(times["channels_last"]),
-                "channels_last_speedup": ratio}
+        return {
+            **info,
+            "images_per_s": batch / statistics.median(times["eager"]),
+            "channels_last_images_per_s": batch / statistics.median(times["channels_last"]),
+            "channels_last_speedup": ratio,
+        }
     else:
         net = timm.create_model("resnet18", features_only=True, out_indices=(1, 2, 3)).eval()
         if variant == "compile":
@@ -74,6 +77,7 @@ def child(kind: str, size: int, batch: int, variant: str, iters: int) -> dict:
         def step() -> None:
             with torch.no_grad():
                 net(x)
+
     for _ in range(2):
         step()
     times = []
@@ -86,21 +90,47 @@ def child(kind: str, size: int, batch: int, variant: str, iters: int) -> dict:
 
 def run_child(args: list[str], env_extra: dict[str, str]) -> dict:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", **env_extra}
-    out = subprocess.run([sys.executable, __file__, "--child", *args], env=env, capture_output=True, text=True,
-                         timeout=900, check=True)
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", *args], env=env, capture_output=True, text=True, timeout=900, check=True
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 CASES = [  # (label, kind, size, batch, variant, env)
     ("train 56 px, 1 thread", "train", 56, 32, "eager", {"OMP_NUM_THREADS": "1"}),
     ("train 56 px, 2 threads", "train", 56, 32, "eager", {"OMP_NUM_THREADS": "2"}),
-    ("train 56 px, 2 threads, OMP_WAIT_POLICY=PASSIVE", "train", 56, 32, "eager",
-     {"OMP_NUM_THREADS": "2", "OMP_WAIT_POLICY": "PASSIVE"}),
-    ("train 112 px, 2 threads, PASSIVE", "train", 112, 32, "eager", {"OMP_NUM_THREADS": "2", "OMP_WAIT_POLICY": "PASSIVE"}),
-    ("extract 128 px eager (vs channels_last, alternating), 2 threads, PASSIVE", "extract", 128, 16, "pair",
-     {"OMP_NUM_THREADS": "2", "OMP_WAIT_POLICY": "PASSIVE"}),
-    ("extract 128 px torch.compile, 2 threads, PASSIVE (first repeat only)", "extract", 128, 16, "compile",
-     {"OMP_NUM_THREADS": "2", "OMP_WAIT_POLICY": "PASSIVE"}),
+    (
+        "train 56 px, 2 threads, OMP_WAIT_POLICY=PASSIVE",
+        "train",
+        56,
+        32,
+        "eager",
+        {"OMP_NUM_THREADS": "2", "OMP_WAIT_POLICY": "PASSIVE"},
+    ),
+    (
+        "train 112 px, 2 threads, PASSIVE",
+        "train",
+        112,
+        32,
+        "eager",
+        {"OMP_NUM_THREADS": "2", "OMP_WAIT_POLICY": "PASSIVE"},
+    ),
+    (
+        "extract 128 px eager (vs channels_last, alternating), 2 threads, PASSIVE",
+        "extract",
+        128,
+        16,
+        "pair",
+        {"OMP_NUM_THREADS": "2", "OMP_WAIT_POLICY": "PASSIVE"},
+    ),
+    (
+        "extract 128 px torch.compile, 2 threads, PASSIVE (first repeat only)",
+        "extract",
+        128,
+        16,
+        "compile",
+        {"OMP_NUM_THREADS": "2", "OMP_WAIT_POLICY": "PASSIVE"},
+    ),
 ]
 
 
@@ -143,8 +173,10 @@ def main() -> None:
         if any("channels_last_speedup" in r for r in rows):
             cl = [r["channels_last_images_per_s"] for r in rows if "channels_last_images_per_s" in r]
             sp = [r["channels_last_speedup"] for r in rows if "channels_last_speedup" in r]
-            notes = (f"channels_last {statistics.median(cl):.1f} img/s; per-pair speed-up median "
-                     f"{statistics.median(sp):.2f}× ({', '.join(f'{v:.2f}' for v in sp)}) ") + notes
+            notes = (
+                f"channels_last {statistics.median(cl):.1f} img/s; per-pair speed-up median "
+                f"{statistics.median(sp):.2f}× ({', '.join(f'{v:.2f}' for v in sp)}) "
+            ) + notes
         if any("compile_s" in r for r in rows):
             notes = f"compile {statistics.median(r['compile_s'] for r in rows if 'compile_s' in r):.0f} s " + notes
         med = f"{statistics.median(ok):.1f}" if ok else "n/a"

@@ -121,10 +121,15 @@ def main() -> None:
             score = run_child(["score", *common])
             report = json.loads(Path(str(fit_dir) + ".json").read_text())["0"]
             row = {
-                "model": model, "n_train": n_train, "n_test": n_test,
-                "fit_s": fit["wall_s"], "fit_s_per_image": report["fit_seconds"] / n_train,
-                "fit_peak_mib": fit["peak_rss_mib"], "score_s": score["wall_s"],
-                "score_s_per_image": score["wall_s"] / n_test, "score_peak_mib": score["peak_rss_mib"],
+                "model": model,
+                "n_train": n_train,
+                "n_test": n_test,
+                "fit_s": fit["wall_s"],
+                "fit_s_per_image": report["fit_seconds"] / n_train,
+                "fit_peak_mib": fit["peak_rss_mib"],
+                "score_s": score["wall_s"],
+                "score_s_per_image": score["wall_s"] / n_test,
+                "score_peak_mib": score["peak_rss_mib"],
                 "load1": os.getloadavg()[0],
             }
             rows.append(row)
@@ -147,10 +152,14 @@ def write_report(args: argparse.Namespace, rows: list[dict]) -> None:
             f"{r['fit_peak_mib']:.0f} | {r['n_test']} | {r['score_s']:.0f} | {r['score_s_per_image'] * 1000:.1f} ms | "
             f"{r['score_peak_mib']:.0f} | {r['load1']:.1f} |"
         )
-    lines += ["", "Ratios largest N / smallest N (targets: peak ≤ 1.2×, s/image ≤ 1.2×) and a MIIC-sized run "
-              "(25,160 train images) extrapolated from the per-image fit time and peak RSS slope:", "",
-              "| model | peak ratio | s/image ratio | MiB per 1,000 images | MIIC fit at 256 px | MIIC fit at 512 px (×4 pixels) |",
-              "|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "Ratios largest N / smallest N (targets: peak ≤ 1.2×, s/image ≤ 1.2×) and a MIIC-sized run "
+        "(25,160 train images) extrapolated from the per-image fit time and peak RSS slope:",
+        "",
+        "| model | peak ratio | s/image ratio | MiB per 1,000 images | MIIC fit at 256 px | MIIC fit at 512 px (×4 pixels) |",
+        "|---|---|---|---|---|---|",
+    ]
     for model in dict.fromkeys(r["model"] for r in rows):
         mine = sorted((r for r in rows if r["model"] == model), key=lambda r: r["n_train"])
         lo, hi = mine[0], mine[-1]
@@ -167,8 +176,10 @@ def write_report(args: argparse.Namespace, rows: list[dict]) -> None:
     print(text)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if not args.out.exists():
-        args.out.write_text("# Scale: memory and time against the number of training images\n\n"
-                            "Written by `benchmarks/bench_scale.py` (see its docstring for the protocol).\n")
+        args.out.write_text(
+            "# Scale: memory and time against the number of training images\n\n"
+            "Written by `benchmarks/bench_scale.py` (see its docstring for the protocol).\n"
+        )
     with open(args.out, "a") as fh:
         fh.write(text)
 

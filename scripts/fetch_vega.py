@@ -123,12 +123,16 @@ def build_template(template_src: str, builds: dict[str, bytes]) -> str:
 def _npm_pack(name: str, version: str, workdir: Path) -> Path:
     npm = shutil.which("npm")
     if npm is None:
-        raise VegaFetchError(f"npm not found on PATH: install Node.js/npm (Debian: apt-get install -y npm), then {INSTALL_HINT}")
+        raise VegaFetchError(
+            f"npm not found on PATH: install Node.js/npm (Debian: apt-get install -y npm), then {INSTALL_HINT}"
+        )
     cmd = [npm, "pack", "--silent", "--json", f"{name}@{version}"]
     try:
         proc = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=NPM_TIMEOUT_S, check=False)
     except subprocess.TimeoutExpired as exc:
-        raise VegaFetchError(f"`{' '.join(cmd)}` took more than {NPM_TIMEOUT_S} s (is the npm registry reachable?)") from exc
+        raise VegaFetchError(
+            f"`{' '.join(cmd)}` took more than {NPM_TIMEOUT_S} s (is the npm registry reachable?)"
+        ) from exc
     if proc.returncode != 0:
         raise VegaFetchError(f"`{' '.join(cmd)}` failed (exit {proc.returncode}):\n{proc.stderr.strip()[-2000:]}")
     tgz = workdir / f"{name}-{version}.tgz"

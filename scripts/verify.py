@@ -37,8 +37,13 @@ def small_grid() -> dict:
     import yaml
 
     p = yaml.safe_load((ROOT / "params.yaml").read_text())
-    p["run"] = {"datasets": ["synthetic_sem"], "models": ["patchcore", "padim", "stfpm"], "pixel_models": ["sparse_ae"],
-                "backbones": ["random", "fractal"], "seeds": [0]}
+    p["run"] = {
+        "datasets": ["synthetic_sem"],
+        "models": ["patchcore", "padim", "stfpm"],
+        "pixel_models": ["sparse_ae"],
+        "backbones": ["random", "fractal"],
+        "seeds": [0],
+    }
     p["models"]["stfpm"].update(epochs=2)
     p["models"]["sparse_ae"].update(epochs=2)
     p["fractals"].update(num_classes=4, instances_per_class=8, image_size=32, points=2000, pad=1, workers=1)
@@ -59,8 +64,11 @@ def copy_tracked(dst: Path, params: Path) -> None:
         shutil.copy2(src, dst / rel)
     shutil.copy2(params, dst / "params.yaml")
     env = _env()
-    for args in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "-c", "user.name=v", "-c", "user.email=v@v",
-                                                                "commit", "-qm", "verify"]):
+    for args in (
+        ["git", "init", "-q"],
+        ["git", "add", "-A"],
+        ["git", "-c", "user.name=v", "-c", "user.email=v@v", "commit", "-qm", "verify"],
+    ):
         subprocess.run(args, cwd=dst, check=True, env=env, capture_output=True)
 
 

@@ -7,9 +7,16 @@ from vadbench.report.aggregate import Cell, aggregate
 
 
 def run(params: Params) -> None:
-    cells = [Cell(d, m, b, NO_BACKBONE if b == NO_BACKBONE else params.backbones[b].init) for d, m, b in params.run.cells()]
-    aggregate(cells, scores_dir=layout.SCORES, metrics_dir=layout.METRICS, reports_dir=layout.REPORTS,
-              measured_dir=layout.MEASURED)
+    cells = [
+        Cell(d, m, b, NO_BACKBONE if b == NO_BACKBONE else params.backbones[b].init) for d, m, b in params.run.cells()
+    ]
+    aggregate(
+        cells,
+        scores_dir=layout.SCORES,
+        metrics_dir=layout.METRICS,
+        reports_dir=layout.REPORTS,
+        measured_dir=layout.MEASURED,
+    )
 
 
 if __name__ == "__main__":

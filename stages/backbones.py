@@ -19,8 +19,14 @@ def run(params: Params) -> None:
         for name in tqdm(params.run.backbones, desc="backbones"):
             spec = params.backbones[name]
             card = materialize_backbone(
-                tmp / name, arch=spec.arch, init=spec.init, seed=params.seed, pretrain_dir=Path("data/pretrain"),
-                file=Path(spec.file) if spec.file else None, mean=spec.mean, std=spec.std,
+                tmp / name,
+                arch=spec.arch,
+                init=spec.init,
+                seed=params.seed,
+                pretrain_dir=Path("data/pretrain"),
+                file=Path(spec.file) if spec.file else None,
+                mean=spec.mean,
+                std=spec.std,
             )
             tqdm.write(f"{name}: {card.arch} ({card.init}) mean {card.mean} std {card.std}")
 

@@ -15,7 +15,9 @@ def run(params: Params, dataset: str, model: str, backbone: str) -> None:
     out = layout.FITS / name
     measured = layout.measured_fit(layout.MEASURED, name)
     hparams = params.models.get(model, {})
-    for s in fit_cell(inputs, model, hparams, out, seeds=params.run.seeds, device=params.device, measured_path=measured):
+    for s in fit_cell(
+        inputs, model, hparams, out, seeds=params.run.seeds, device=params.device, measured_path=measured
+    ):
         print(f"fit {out.name} seed {s['seed']}: {s['fit_seconds']:.1f} s, peak RSS {s['fit_peak_rss_mb']:.0f} MB")
 
 

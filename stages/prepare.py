@@ -13,8 +13,10 @@ from vadbench.data.prepare import prepare_dataset
 
 
 def format_counts(info: dict[str, Any]) -> str:
-    lines = [f"prepared {info['name']} ({info['kind']}, category {info['category']}): {info['n_images']} images, "
-             f"{info['channels']} channel(s), {info['image_size']} px, center_crop {info['center_crop']}"]
+    lines = [
+        f"prepared {info['name']} ({info['kind']}, category {info['category']}): {info['n_images']} images, "
+        f"{info['channels']} channel(s), {info['image_size']} px, center_crop {info['center_crop']}"
+    ]
     for split, types in info["counts"].items():
         detail = ", ".join(f"{t} {n}" for t, n in types.items())
         lines.append(f"  {split:5s} {sum(types.values()):6d}  ({detail})")

@@ -107,8 +107,9 @@ def run_chromium(args: list[str], *, timeout: float = 60.0) -> subprocess.Comple
         out_path, err_path = tmpdir / "stdout", tmpdir / "stderr"
         env = dict(os.environ, HOME=str(tmpdir))  # keep Chromium away from the user's ~/.config, ~/.pki
         with open(out_path, "wb") as out, open(err_path, "wb") as err:
-            proc = subprocess.Popen(cmd, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env,
-                                    start_new_session=True)
+            proc = subprocess.Popen(
+                cmd, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=env, start_new_session=True
+            )
             try:
                 rc = proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
@@ -119,7 +120,9 @@ def run_chromium(args: list[str], *, timeout: float = 60.0) -> subprocess.Comple
                 ) from None
             _kill_group(proc)  # helpers (zygote, renderer) left behind by an exited browser
         return subprocess.CompletedProcess(
-            cmd, rc, out_path.read_text(encoding="utf-8", errors="replace"),
+            cmd,
+            rc,
+            out_path.read_text(encoding="utf-8", errors="replace"),
             err_path.read_text(encoding="utf-8", errors="replace"),
         )
 
@@ -146,13 +149,18 @@ def dump_dom(page: Path, *, budget_ms: int = 8000, timeout: float = 60.0, net_lo
     return proc.stdout
 
 
-def screenshot(page: Path, png: Path, *, width: int = 1280, height: int = 2400, budget_ms: int = 8000,
-               timeout: float = 60.0) -> Path:
+def screenshot(
+    page: Path, png: Path, *, width: int = 1280, height: int = 2400, budget_ms: int = 8000, timeout: float = 60.0
+) -> Path:
     """PNG screenshot of `page` after `budget_ms` of virtual time (for a person to look at; not asserted)."""
     png = Path(png).resolve()
     proc = run_chromium(
-        [f"--virtual-time-budget={budget_ms}", f"--window-size={width},{height}", f"--screenshot={png}",
-         Path(page).resolve().as_uri()],
+        [
+            f"--virtual-time-budget={budget_ms}",
+            f"--window-size={width},{height}",
+            f"--screenshot={png}",
+            Path(page).resolve().as_uri(),
+        ],
         timeout=timeout,
     )
     if proc.returncode != 0 or not png.is_file():
@@ -290,7 +298,7 @@ def instrument(page_html: str) -> str:
     end = page_html.lower().rfind("</body>")
     if m is None or end < m.end():
         raise AssertionError("page has no <body>...</body>: not a dvc plots page")
-    return page_html[: m.end()] + _HOOK_JS + page_html[m.end(): end] + _REPORT_JS + page_html[end:]
+    return page_html[: m.end()] + _HOOK_JS + page_html[m.end() : end] + _REPORT_JS + page_html[end:]
 
 
 def net_log_requests(net_log: Path) -> tuple[list[str], list[str]]:
@@ -358,8 +366,9 @@ def check_page(page: Path, *, budget_ms: int = 8000, timeout: float = 90.0) -> d
     return report
 
 
-def problems(report: dict[str, Any], *, expect_vega: int | None = None, expect_images: int | None = None,
-             min_data_items: int = 2) -> list[str]:
+def problems(
+    report: dict[str, Any], *, expect_vega: int | None = None, expect_images: int | None = None, min_data_items: int = 2
+) -> list[str]:
     """Everything wrong with a check_page report, as sentences (empty list = every chart and image rendered)."""
     out = []
     if not report.get("vegaEmbedDefined"):
@@ -403,8 +412,14 @@ def problems(report: dict[str, Any], *, expect_vega: int | None = None, expect_i
     return out
 
 
-def dvc_plots_show(project_dir: Path, out_dir: Path, *, html_template: Path | None = None,
-                   targets: list[str] | None = None, timeout: float = 300.0) -> tuple[Path, str]:
+def dvc_plots_show(
+    project_dir: Path,
+    out_dir: Path,
+    *,
+    html_template: Path | None = None,
+    targets: list[str] | None = None,
+    timeout: float = 300.0,
+) -> tuple[Path, str]:
     """Run `dvc plots show -o out_dir` in `project_dir` (the venv's dvc); return (out_dir/index.html, its output).
 
     dvc still writes a page (exit 0) when some declared plot files are missing; it then says
@@ -416,8 +431,9 @@ def dvc_plots_show(project_dir: Path, out_dir: Path, *, html_template: Path | No
     cmd += list(targets or [])
     env = dict(os.environ, DVC_NO_ANALYTICS="1")
     try:
-        proc = subprocess.run(cmd, cwd=project_dir, capture_output=True, text=True, timeout=timeout, env=env,
-                              check=False)
+        proc = subprocess.run(
+            cmd, cwd=project_dir, capture_output=True, text=True, timeout=timeout, env=env, check=False
+        )
     except subprocess.TimeoutExpired:
         raise AssertionError(f"`{' '.join(cmd)}` took more than {timeout:.0f} s in {project_dir}") from None
     page = Path(out_dir) / "index.html"
@@ -428,8 +444,14 @@ def dvc_plots_show(project_dir: Path, out_dir: Path, *, html_template: Path | No
     return page, (proc.stdout + proc.stderr).strip()
 
 
-def check_dvc_plots_page(project_dir: Path, *, out_dir: Path | None = None, html_template: Path | None = None,
-                         targets: list[str] | None = None, screenshot_png: Path | None = None) -> dict[str, Any]:
+def check_dvc_plots_page(
+    project_dir: Path,
+    *,
+    out_dir: Path | None = None,
+    html_template: Path | None = None,
+    targets: list[str] | None = None,
+    screenshot_png: Path | None = None,
+) -> dict[str, Any]:
     """`dvc plots show` in `project_dir`, then render the page in headless Chromium; return check_page's report.
 
     The page goes to `out_dir` (default: a fresh temp dir, removed afterwards; the project's own dvc_plots/

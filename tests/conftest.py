@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import vadbench  # noqa: E402,F401  (sets HF_HUB_OFFLINE and OMP_WAIT_POLICY before torch loads)
-
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+import vadbench  # noqa: E402,F401  (sets HF_HUB_OFFLINE and OMP_WAIT_POLICY before torch loads)
 
 
 def _line_image(rng: np.random.Generator, size: int) -> np.ndarray:

@@ -39,8 +39,14 @@ def _fake_pretrain_dir(root: Path, arch: str = "resnet18", num_classes: int = 4)
 
     root.mkdir(parents=True)
     save_file(_timm_state(arch, 7, num_classes=num_classes), str(root / "weights.safetensors"))
-    card = BackboneCard(arch=arch, init="fractal", mean=(0.2,) * 3, std=(0.5,) * 3,
-                        weights_sha256=sha256_file(root / "weights.safetensors"), extra={"num_classes": num_classes})
+    card = BackboneCard(
+        arch=arch,
+        init="fractal",
+        mean=(0.2,) * 3,
+        std=(0.5,) * 3,
+        weights_sha256=sha256_file(root / "weights.safetensors"),
+        extra={"num_classes": num_classes},
+    )
     (root / "card.json").write_text(json.dumps(card.to_json()))
     return root
 
@@ -70,8 +76,9 @@ def test_user_checkpoint_with_wrapper_prefix_and_other_head_loads_as_file(tmp_pa
     state = _timm_state("resnet18", 2, num_classes=10)  # a user's 10-class fine-tune
     path = tmp_path / "mine.pth"
     torch.save({"state_dict": {f"module.{k}": v for k, v in state.items()}, "epoch": 5}, path)
-    card = materialize_backbone(tmp_path / "bb", arch="resnet18", init="file", file=path, mean=(0.5,) * 3,
-                                std=(0.25,) * 3)
+    card = materialize_backbone(
+        tmp_path / "bb", arch="resnet18", init="file", file=path, mean=(0.5,) * 3, std=(0.25,) * 3
+    )
     assert (card.mean, card.std) == ((0.5,) * 3, (0.25,) * 3)
     fx = load_feature_extractor(tmp_path / "bb", ["layer1", "layer3"])
     assert torch.equal(fx.net.state_dict()["layer3.1.conv2.weight"], state["layer3.1.conv2.weight"])
@@ -82,8 +89,9 @@ def test_user_checkpoint_with_wrapper_prefix_and_other_head_loads_as_file(tmp_pa
 def test_missing_weights_file_fails_fast_naming_the_path(tmp_path, init):
     missing = tmp_path / "weights" / "resnet18.tv_in1k.safetensors"
     with pytest.raises(FileNotFoundError, match=str(missing)):
-        materialize_backbone(tmp_path / "bb", arch="resnet18.tv_in1k", init=init, file=missing,
-                             hf_cache_dir=tmp_path / "empty_hub")
+        materialize_backbone(
+            tmp_path / "bb", arch="resnet18.tv_in1k", init=init, file=missing, hf_cache_dir=tmp_path / "empty_hub"
+        )
     assert not (tmp_path / "bb").exists()
 
 
@@ -96,8 +104,13 @@ def test_imagenet_weights_come_from_the_hub_cache_when_present(tmp_path):
     (repo / "snapshots" / rev).mkdir(parents=True)
     state = _timm_state("resnet18", 5)
     save_file(state, str(repo / "snapshots" / rev / "model.safetensors"))
-    card = materialize_backbone(tmp_path / "bb", arch="resnet18.tv_in1k", init="imagenet",
-                                file=tmp_path / "weights" / "absent.safetensors", hf_cache_dir=tmp_path / "hub")
+    card = materialize_backbone(
+        tmp_path / "bb",
+        arch="resnet18.tv_in1k",
+        init="imagenet",
+        file=tmp_path / "weights" / "absent.safetensors",
+        hf_cache_dir=tmp_path / "hub",
+    )
     assert "model.safetensors" in card.source
     saved = load_file(str(tmp_path / "bb" / "weights.safetensors"))
     assert torch.equal(saved["conv1.weight"], state["conv1.weight"])
@@ -119,12 +132,16 @@ def test_fractal_card_normalisation_reaches_the_feature_extractor(tmp_path):
     card = materialize_backbone(tmp_path / "fractal", arch="resnet18", init="fractal", pretrain_dir=pre)
     assert (card.mean, card.std) == ((0.2,) * 3, (0.5,) * 3) and card.extra["num_classes"] == 4
     fx = load_feature_extractor(tmp_path / "fractal", ["layer2"])
-    assert fx.mean.flatten().tolist() == pytest.approx([0.2] * 3) and fx.std.flatten().tolist() == pytest.approx([0.5] * 3)
+    assert fx.mean.flatten().tolist() == pytest.approx([0.2] * 3) and fx.std.flatten().tolist() == pytest.approx(
+        [0.5] * 3
+    )
     x = torch.rand(2, 1, 64, 64)
     ours = fx(x)["layer2"]
     assert torch.allclose(ours, fx.net((x.expand(-1, 3, -1, -1) - 0.2) / 0.5)[0])
-    imagenet_fed = fx.net((x.expand(-1, 3, -1, -1) - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
-                          / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))[0]
+    imagenet_fed = fx.net(
+        (x.expand(-1, 3, -1, -1) - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
+        / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    )[0]
     assert not torch.allclose(ours, imagenet_fed, atol=1e-3)  # the fractal-AD paper's mismatch is not repeated
 
 
@@ -167,9 +184,11 @@ def test_backbones_stage_materializes_every_listed_backbone(tmp_path, monkeypatc
     params = SimpleNamespace(
         seed=0,
         run=SimpleNamespace(backbones=["random", "fractal"]),
-        backbones={"random": BackboneSpec(arch="resnet18", init="random"),
-                   "fractal": BackboneSpec(arch="resnet18", init="fractal"),
-                   "unused": BackboneSpec(arch="resnet18", init="file", file="weights/none.pth")},
+        backbones={
+            "random": BackboneSpec(arch="resnet18", init="random"),
+            "fractal": BackboneSpec(arch="resnet18", init="fractal"),
+            "unused": BackboneSpec(arch="resnet18", init="file", file="weights/none.pth"),
+        },
     )
     monkeypatch.setattr("vadbench.config.load_params", lambda *args: params)
     monkeypatch.chdir(tmp_path)

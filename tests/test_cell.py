@@ -11,11 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
+from vadbench.backbones import load_feature_extractor
 from vadbench.cell import CellInputs, ScoreSettings, fit_cell, score_cell
 from vadbench.data.manifest import ManifestRow, load_split, write_manifest
 from vadbench.metrics.pixel import pixel_metrics
 from vadbench.models import load_model
-from vadbench.backbones import load_feature_extractor
 
 
 def _write(root: Path, rel: str, arr: np.ndarray) -> str:
@@ -30,8 +30,13 @@ def prepared(toy_defect_data, tmp_path_factory) -> Path:
     train, test, labels, masks = toy_defect_data
     root = tmp_path_factory.mktemp("prepared")
     u8 = lambda x: (x[0].numpy() * 255).round().astype(np.uint8)  # noqa: E731
-    rows = [ManifestRow(_write(root, f"train/good/{i:03d}.png", u8(x)), "train", 0, "good") for i, x in enumerate(train[:16])]
-    rows += [ManifestRow(_write(root, f"val/good/{i:03d}.png", u8(x)), "val", 0, "good") for i, x in enumerate(train[16:])]
+    rows = [
+        ManifestRow(_write(root, f"train/good/{i:03d}.png", u8(x)), "train", 0, "good")
+        for i, x in enumerate(train[:16])
+    ]
+    rows += [
+        ManifestRow(_write(root, f"val/good/{i:03d}.png", u8(x)), "val", 0, "good") for i, x in enumerate(train[16:])
+    ]
     for i, (x, y, m) in enumerate(zip(test, labels, masks)):
         name = f"test/blob/{i:03d},a.png" if y else f"test/good/{i:03d}.png"  # a comma in a file name
         mask = _write(root, f"ground_truth/blob/{i:03d}_mask.png", m * 255) if y else ""
@@ -44,8 +49,15 @@ def test_streamed_cell_equals_whole_split_reference(prepared, random_backbone_di
     inputs = CellInputs(prepared, random_backbone_dir, image_size=64)
     params = {"n_features": 40, "batch_size": 3}  # batches that do not divide the split
     fit_cell(inputs, "padim", params, tmp_path / "fit", seeds=[0], device="cpu")
-    out = score_cell(inputs, tmp_path / "fit", tmp_path / "score", tmp_path / "report",
-                     ScoreSettings(batch_size=5, latency_repeats=2, latency_warmup=1), seeds=[0], device="cpu")
+    out = score_cell(
+        inputs,
+        tmp_path / "fit",
+        tmp_path / "score",
+        tmp_path / "report",
+        ScoreSettings(batch_size=5, latency_repeats=2, latency_warmup=1),
+        seeds=[0],
+        device="cpu",
+    )
 
     # reference: the old way, whole test split as one tensor through the same fitted model
     test = load_split(prepared, "test", image_size=64)
@@ -82,6 +94,13 @@ def test_fit_refuses_anomalies_in_train(prepared, random_backbone_dir, tmp_path)
     rows[0] = ManifestRow(rows[0].path, "train", 1, "blob")
     write_manifest(bad, rows)
     with pytest.raises(ValueError, match="normal images only"):
-        fit_cell(CellInputs(bad, random_backbone_dir, 64), "padim", {"n_features": 10}, tmp_path / "f", seeds=[0], device="cpu")
+        fit_cell(
+            CellInputs(bad, random_backbone_dir, 64),
+            "padim",
+            {"n_features": 10},
+            tmp_path / "f",
+            seeds=[0],
+            device="cpu",
+        )
     assert not (tmp_path / "f").exists()
     torch.manual_seed(0)

@@ -152,7 +152,11 @@ def test_stages_refuse_cells_outside_the_grid(raw):
     params = parse_params(raw)
     require_in_grid(params, "synthetic_sem", "sparse_ae", "none")
     require_in_grid(params, "synthetic_sem", "patchcore", "fractal")
-    for cell in (("synthetic_sem", "sparse_ae", "fractal"), ("synthetic_sem", "patchcore", "none"), ("nodata", None, None)):
+    for cell in (
+        ("synthetic_sem", "sparse_ae", "fractal"),
+        ("synthetic_sem", "patchcore", "none"),
+        ("nodata", None, None),
+    ):
         with pytest.raises(ParamsError, match="not in"):
             require_in_grid(params, *cell)
 

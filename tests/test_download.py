@@ -10,7 +10,6 @@ import threading
 import time
 import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import pytest
 
@@ -184,7 +183,13 @@ def test_silent_server_times_out_instead_of_hanging(tmp_path):
         port = listener.getsockname()[1]
         t0 = time.monotonic()
         with pytest.raises(DownloadError):
-            download(f"http://127.0.0.1:{port}/x.tar", tmp_path / "x.tar", connect_timeout=1, read_timeout=0.5, progress=False)
+            download(
+                f"http://127.0.0.1:{port}/x.tar",
+                tmp_path / "x.tar",
+                connect_timeout=1,
+                read_timeout=0.5,
+                progress=False,
+            )
         assert time.monotonic() - t0 < 30
 
 
@@ -228,7 +233,7 @@ def _zip(entries: list[tuple[zipfile.ZipInfo | str, bytes]]) -> bytes:
 
 def test_zip_symlink_escape_and_size_cap(tmp_path):
     link = zipfile.ZipInfo("ds/link")
-    link.external_attr = (0o120777 << 16)  # S_IFLNK: a symlink whose content is its target
+    link.external_attr = 0o120777 << 16  # S_IFLNK: a symlink whose content is its target
     bad = tmp_path / "bad.zip"
     bad.write_bytes(_zip([("ds/a.txt", b"a"), (link, b"../../etc")]))
     with pytest.raises(UnsafeArchiveError, match="points outside"):

@@ -17,8 +17,16 @@ from vadbench.fractals import FractalsParams, build, kernels, read_manifest, reg
 from vadbench.io import sha256_file, sha256_tree
 
 TINY = dict(
-    num_classes=3, instances_per_class=8, image_size=32, points=1500, pad=1,
-    search_size=96, search_points=4000, search_pad=2, filling_threshold=0.15, workers=1,
+    num_classes=3,
+    instances_per_class=8,
+    image_size=32,
+    points=1500,
+    pad=1,
+    search_size=96,
+    search_points=4000,
+    search_pad=2,
+    filling_threshold=0.15,
+    workers=1,
 )
 
 
@@ -124,10 +132,7 @@ def test_numba_cache_dir_choice(tmp_path: Path, monkeypatch) -> None:
 
 
 def test_fresh_cache_dir_compiles_caches_and_reuses(tmp_path: Path) -> None:
-    code = (
-        "import numpy as np; from vadbench.fractals import kernels as k; "
-        "print(k.uniform_stream(np.uint64(3), 2)[1])"
-    )
+    code = "import numpy as np; from vadbench.fractals import kernels as k; print(k.uniform_stream(np.uint64(3), 2)[1])"
     env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "cache")}
     first = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr

@@ -56,7 +56,9 @@ def test_shapes(fitted, toy_defect_data):
 def _embeddings(model: PaDiM, images: torch.Tensor) -> np.ndarray:
     """(N, d, 16, 16) float64: layers resized by pixel repetition (nearest), kept channels — written out."""
     feats = model.backbone(images)  # layer1 (16²), layer2 (8²), layer3 (4²)
-    full = torch.cat([f.repeat_interleave(16 // f.shape[-1], -1).repeat_interleave(16 // f.shape[-2], -2) for f in feats.values()], 1)
+    full = torch.cat(
+        [f.repeat_interleave(16 // f.shape[-1], -1).repeat_interleave(16 // f.shape[-2], -2) for f in feats.values()], 1
+    )
     return full[:, model.channel_idx].double().numpy()
 
 

@@ -26,8 +26,13 @@ pytestmark = pytest.mark.slow
 
 def tiny_params() -> dict:
     p = yaml.safe_load((ROOT / "params.yaml").read_text())
-    p["run"] = {"datasets": ["synthetic_sem"], "models": ["patchcore", "padim"], "pixel_models": ["sparse_ae"],
-                "backbones": ["random", "fractal"], "seeds": [0]}
+    p["run"] = {
+        "datasets": ["synthetic_sem"],
+        "models": ["patchcore", "padim"],
+        "pixel_models": ["sparse_ae"],
+        "backbones": ["random", "fractal"],
+        "seeds": [0],
+    }
     p["models"]["sparse_ae"].update(epochs=2)
     p["fractals"].update(num_classes=4, instances_per_class=8, image_size=32, points=2000, pad=1, workers=1)
     p["pretrain"].update(epochs=1, batch_size=16, milestones=[], warmup_epochs=0)
@@ -71,18 +76,31 @@ def project(tmp_path_factory) -> Path:
     return dst
 
 
-CELLS = {f"{s}@synthetic_sem-{m}-{b}" for s in ("fit", "score") for m in ("patchcore", "padim") for b in ("random", "fractal")}
+CELLS = {
+    f"{s}@synthetic_sem-{m}-{b}"
+    for s in ("fit", "score")
+    for m in ("patchcore", "padim")
+    for b in ("random", "fractal")
+}
 PIXEL_CELLS = {"fit_pixels@synthetic_sem-sparse_ae", "score_pixels@synthetic_sem-sparse_ae"}  # no backbone: once
 
 
 def test_full_chain_then_noop(project):
     ran = _ran(_run(["dvc", "repro"], project))
-    assert ran == {"check", "fractals", "pretrain", "backbones", "prepare@synthetic_sem", "aggregate"} | CELLS | PIXEL_CELLS
+    assert (
+        ran
+        == {"check", "fractals", "pretrain", "backbones", "prepare@synthetic_sem", "aggregate"} | CELLS | PIXEL_CELLS
+    )
     summary = json.loads((project / "metrics" / "summary.json").read_text())
     assert set(summary["synthetic_sem"]) == {"patchcore", "padim", "sparse_ae"}
     assert set(summary["synthetic_sem"]["sparse_ae"]) == {"none"}
-    for png in ("reports/leaderboard.png", "reports/curves.png", "reports/synthetic_sem/preview.png",
-                "reports/cells/synthetic_sem-patchcore-fractal/gallery.png", "reports/fractals_preview.png"):
+    for png in (
+        "reports/leaderboard.png",
+        "reports/curves.png",
+        "reports/synthetic_sem/preview.png",
+        "reports/cells/synthetic_sem-patchcore-fractal/gallery.png",
+        "reports/fractals_preview.png",
+    ):
         assert (project / png).is_file(), png
     lock = (project / "dvc.lock").read_bytes()
     assert _ran(_run(["dvc", "repro"], project)) == {"check"}  # validation only: nothing else reruns
@@ -156,8 +174,14 @@ def test_sigkill_mid_fit_then_rerun_gives_identical_outputs(project):
 
     before = snapshot()
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen(["dvc", "repro", "-f", "-s", "fit_pixels@synthetic_sem-sparse_ae"], cwd=project, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        ["dvc", "repro", "-f", "-s", "fit_pixels@synthetic_sem-sparse_ae"],
+        cwd=project,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.time() + 120
     while time.time() < deadline and not list(fit_dir.parent.glob(f".{cell}.tmp-*")):
         time.sleep(0.05)  # the fit is writing into its temp dir: kill it there
@@ -184,9 +208,16 @@ def test_folder_edit_reruns_exactly_its_prepare_chain(project):
             Image.fromarray(rng.integers(0, 255, (48, 48), dtype=np.uint8)).save(src / sub / f"{i}.png")
 
     def add(p):
-        p["datasets"]["own"] = {"kind": "folder", "normal_dir": str(src / "ok"), "abnormal_dir": str(src / "ng"),
-                                "image_size": 64, "val_fraction": 0.2, "test_normal_fraction": 0.2}
+        p["datasets"]["own"] = {
+            "kind": "folder",
+            "normal_dir": str(src / "ok"),
+            "abnormal_dir": str(src / "ng"),
+            "image_size": 64,
+            "val_fraction": 0.2,
+            "test_normal_fraction": 0.2,
+        }
         p["run"]["datasets"] = ["synthetic_sem", "own"]
+
     _set(project, add)
     _run(["dvc", "repro"], project)
     Image.fromarray(np.zeros((48, 48), np.uint8)).save(src / "ok" / "3.png")  # edit one source image

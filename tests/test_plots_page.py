@@ -13,11 +13,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import browser
 import numpy as np
 import pytest
 from PIL import Image
-
-import browser
 
 REPO = Path(__file__).resolve().parent.parent
 N_POINTS = 21  # rows in each toy curve CSV; every row must become a point of the drawn line
@@ -70,7 +69,9 @@ def toy_project(tmp_path_factory) -> Path:
     cell.mkdir(parents=True)
     t = np.linspace(0.0, 1.0, N_POINTS)
     (cell / "roc.csv").write_text("fpr,tpr\n" + "".join(f"{a:.4f},{b:.4f}\n" for a, b in zip(t, np.sqrt(t))))
-    (cell / "pr.csv").write_text("recall,precision\n" + "".join(f"{a:.4f},{b:.4f}\n" for a, b in zip(t, 1 - 0.5 * t**2)))
+    (cell / "pr.csv").write_text(
+        "recall,precision\n" + "".join(f"{a:.4f},{b:.4f}\n" for a, b in zip(t, 1 - 0.5 * t**2))
+    )
     rng = np.random.default_rng(0)
     Image.fromarray((rng.random((48, 96, 3)) * 255).astype(np.uint8)).save(cell / "gallery.png")
     Image.fromarray((rng.random((40, 64)) * 255).astype(np.uint8)).save(root / "reports" / "leaderboard.png")

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from test_datasets import img, mask, mvtec_tree  # tests/ is on sys.path (rootdir conftest)
+
 from vadbench.config import ParamsError, load_params, parse_params
 from vadbench.data.loaders import Source
 from vadbench.data.manifest import load_split, read_manifest
@@ -25,7 +25,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _sources(n_train: int, n_test: int) -> tuple[list[Source], dict[str, str]]:
     srcs = [Source(Path(f"/x/train/{i:03d}.png"), "train", 0, "good") for i in range(n_train)]
-    srcs += [Source(Path(f"/x/test/{i:03d}.png"), "test", i % 2, "good" if i % 2 == 0 else "bad") for i in range(n_test)]
+    srcs += [
+        Source(Path(f"/x/test/{i:03d}.png"), "test", i % 2, "good" if i % 2 == 0 else "bad") for i in range(n_test)
+    ]
     return srcs, {str(s.path): hashlib.sha256(str(s.path).encode()).hexdigest() for s in srcs}
 
 
@@ -67,14 +69,23 @@ def _folder(src: Path) -> FolderParams:
     for i in range(4):
         img(src / "bad" / "x" / f"b{i}.png", seed=100 + i, mode="RGB", size=(48, 40))
         mask(src / "masks" / "x" / f"b{i}.png", size=(48, 40))
-    return FolderParams(normal_dir=str(src / "normal"), abnormal_dir=str(src / "bad"), mask_dir=str(src / "masks"),
-                        image_size=32, center_crop=24, val_fraction=0.2, test_normal_fraction=0.2)
+    return FolderParams(
+        normal_dir=str(src / "normal"),
+        abnormal_dir=str(src / "bad"),
+        mask_dir=str(src / "masks"),
+        image_size=32,
+        center_crop=24,
+        val_fraction=0.2,
+        test_normal_fraction=0.2,
+    )
 
 
 def test_prepare_is_deterministic_and_writes_info(tmp_path):
     spec = _folder(tmp_path / "src")
-    infos = [prepare_dataset("toy", spec, out_dir=tmp_path / f"p{k}", seed=7, preview_png=None, progress=False)
-             for k in range(2)]
+    infos = [
+        prepare_dataset("toy", spec, out_dir=tmp_path / f"p{k}", seed=7, preview_png=None, progress=False)
+        for k in range(2)
+    ]
     assert sha256_tree(tmp_path / "p0") == sha256_tree(tmp_path / "p1")
     info = json.loads((tmp_path / "p0" / "info.json").read_text())
     assert info == infos[0]
@@ -130,20 +141,39 @@ def test_params_validate_new_kinds_with_key_paths():
     with pytest.raises(ParamsError, match="mvtec_ad_bottle.*category"):
         parse_params(base | {"datasets": {"mvtec_ad_bottle": {"kind": "mvtec_ad", "category": "bottel"}}})
     with pytest.raises(ParamsError, match="sha256"):
-        parse_params(base | {"datasets": {"mvtec_ad_bottle": {"kind": "mvtec_ad", "category": "bottle", "sha256": "abc"}}})
+        parse_params(
+            base | {"datasets": {"mvtec_ad_bottle": {"kind": "mvtec_ad", "category": "bottle", "sha256": "abc"}}}
+        )
 
 
 def test_published_counts_match_and_stage_prints_them(tmp_path, monkeypatch, capsys):
     # a stand-in bottle with exactly the published counts (209 / 20 / 63), tiny images
-    raw = mvtec_tree(tmp_path / "raw", n_train=209, n_good=20, types=("broken_large", "broken_small", "contamination"),
-                     n_bad=21, size=(8, 8))
+    raw = mvtec_tree(
+        tmp_path / "raw",
+        n_train=209,
+        n_good=20,
+        types=("broken_large", "broken_small", "contamination"),
+        n_bad=21,
+        size=(8, 8),
+    )
     params = tmp_path / "params.yaml"
-    params.write_text(json.dumps({
-        "run": {"datasets": ["mvtec_ad_bottle"], "models": ["patchcore"], "backbones": ["random"]},
-        "backbones": {"random": {"arch": "resnet18", "init": "random"}},
-        "models": {},
-        "datasets": {"mvtec_ad_bottle": {"kind": "mvtec_ad", "category": "bottle", "data_dir": str(raw), "image_size": 16}},
-    }))
+    params.write_text(
+        json.dumps(
+            {
+                "run": {"datasets": ["mvtec_ad_bottle"], "models": ["patchcore"], "backbones": ["random"]},
+                "backbones": {"random": {"arch": "resnet18", "init": "random"}},
+                "models": {},
+                "datasets": {
+                    "mvtec_ad_bottle": {
+                        "kind": "mvtec_ad",
+                        "category": "bottle",
+                        "data_dir": str(raw),
+                        "image_size": 16,
+                    }
+                },
+            }
+        )
+    )
     # the stage's own run(); only the preview is switched off (data/preview.py belongs to another helper)
     sys.path.insert(0, str(REPO))
     try:
@@ -151,7 +181,9 @@ def test_published_counts_match_and_stage_prints_them(tmp_path, monkeypatch, cap
     finally:
         sys.path.remove(str(REPO))
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(stage, "prepare_dataset", lambda *a, **k: prepare_dataset(*a, **(k | {"preview_png": None, "progress": False})))
+    monkeypatch.setattr(
+        stage, "prepare_dataset", lambda *a, **k: prepare_dataset(*a, **(k | {"preview_png": None, "progress": False}))
+    )
     stage.run(load_params(params), "mvtec_ad_bottle")
     out = capsys.readouterr().out
     assert "match the published" in out and "'test_bad': 63" in out

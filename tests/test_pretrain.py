@@ -27,12 +27,12 @@ def _shape(kind: int, size: int, rng: np.random.Generator) -> np.ndarray:
     r = rng.uniform(0.2, 0.3) * size
     dy, dx = yy - cy, xx - cx
     masks = [
-        dy**2 + dx**2 <= r**2,                                        # disc
+        dy**2 + dx**2 <= r**2,  # disc
         (np.abs(dy) <= r) & (np.abs(dx) <= r) & ~((np.abs(dy) < r - 2) & (np.abs(dx) < r - 2)),  # square outline
-        ((np.abs(dy) <= 1.5) | (np.abs(dx) <= 1.5)) & (np.abs(dy) <= r) & (np.abs(dx) <= r),      # plus
-        (np.abs(dy - dx) <= 1.5) & (np.abs(dx) <= r),                 # diagonal line
-        (np.abs(np.hypot(dy, dx) - r) <= 1.2),                       # ring
-        (np.abs(dy) <= r / 3) & (np.abs(dx) <= r),                    # bar
+        ((np.abs(dy) <= 1.5) | (np.abs(dx) <= 1.5)) & (np.abs(dy) <= r) & (np.abs(dx) <= r),  # plus
+        (np.abs(dy - dx) <= 1.5) & (np.abs(dx) <= r),  # diagonal line
+        (np.abs(np.hypot(dy, dx) - r) <= 1.2),  # ring
+        (np.abs(dy) <= r / 3) & (np.abs(dx) <= r),  # bar
     ]
     img = masks[kind % len(masks)].astype(np.float32)
     img *= rng.uniform(0.7, 1.0)
@@ -66,14 +66,31 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-TINY = dict(arch="resnet18", batch_size=8, lr=0.02, milestones=[], warmup_epochs=0, input_size=32, crop_size=28,
-            val_fraction=0.25)
+TINY = dict(
+    arch="resnet18",
+    batch_size=8,
+    lr=0.02,
+    milestones=[],
+    warmup_epochs=0,
+    input_size=32,
+    crop_size=28,
+    val_fraction=0.25,
+)
 
 
 def _run(fractals: Path, out: Path, work: Path, stop_after_epoch: int | None = None, **kw):
     p = PretrainParams(**{**TINY, **kw})
-    return run_pretrain(fractals, out / "pretrain", out / "metrics.json", out / "log.csv", work, p, seed=0,
-                        device="cpu", stop_after_epoch=stop_after_epoch)
+    return run_pretrain(
+        fractals,
+        out / "pretrain",
+        out / "metrics.json",
+        out / "log.csv",
+        work,
+        p,
+        seed=0,
+        device="cpu",
+        stop_after_epoch=stop_after_epoch,
+    )
 
 
 def test_split_holds_out_instances_of_every_class(tmp_path):
@@ -138,8 +155,9 @@ def test_pretraining_learns_and_writes_timm_loadable_weights(tmp_path, one_threa
     assert (card.arch, card.init, card.mean, card.std) == ("resnet18", "fractal", (0.2,) * 3, (0.5,) * 3)
     assert card.extra["num_classes"] == 4 and card.extra["val_top1"] == metrics["val_top1"]
     weights = tmp_path / "pretrain" / "weights.safetensors"
-    net = timm.create_model("resnet18", pretrained=True, features_only=True,
-                            pretrained_cfg_overlay=dict(file=str(weights)))
+    net = timm.create_model(
+        "resnet18", pretrained=True, features_only=True, pretrained_cfg_overlay=dict(file=str(weights))
+    )
     saved = load_file(str(weights))
     assert saved["fc.weight"].shape == (4, 512)  # full classifier kept; features_only dropped it
     for key in ("conv1.weight", "layer3.1.bn2.running_var"):

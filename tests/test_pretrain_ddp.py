@@ -12,8 +12,8 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
-
 from test_pretrain import TINY, make_fake_fractals
+
 from vadbench.pretrain.params import PretrainParams
 from vadbench.pretrain.stage import run_pretrain
 
@@ -39,16 +39,41 @@ def test_two_gloo_processes_match_single_process(tmp_path):
     params = {**TINY, "epochs": 2, "dist_timeout_s": 60}
     torch.set_num_threads(1)
     try:
-        single = run_pretrain(fr, tmp_path / "one", tmp_path / "one.json", tmp_path / "one.csv", tmp_path / "w1",
-                              PretrainParams(**params), seed=0, device="cpu")
+        single = run_pretrain(
+            fr,
+            tmp_path / "one",
+            tmp_path / "one.json",
+            tmp_path / "one.csv",
+            tmp_path / "w1",
+            PretrainParams(**params),
+            seed=0,
+            device="cpu",
+        )
     finally:
         torch.set_num_threads(2)
-    job = dict(fractal_dir=str(fr), out_dir=str(tmp_path / "two"), metrics_path=str(tmp_path / "two.json"),
-               log_path=str(tmp_path / "two.csv"), work_root=str(tmp_path / "w2"), params=params, seed=0, device="cpu")
+    job = dict(
+        fractal_dir=str(fr),
+        out_dir=str(tmp_path / "two"),
+        metrics_path=str(tmp_path / "two.json"),
+        log_path=str(tmp_path / "two.csv"),
+        work_root=str(tmp_path / "w2"),
+        params=params,
+        seed=0,
+        device="cpu",
+    )
     (tmp_path / "job.json").write_text(json.dumps(job))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
-           "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "vadbench.pretrain",
-           str(tmp_path / "job.json")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes=1",
+        "--nproc_per_node=2",
+        "--master_addr=127.0.0.1",
+        f"--master_port={_free_port()}",
+        "-m",
+        "vadbench.pretrain",
+        str(tmp_path / "job.json"),
+    ]
     env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stderr[-4000:]
@@ -66,4 +91,6 @@ def test_two_gloo_processes_match_single_process(tmp_path):
     dist_state = load_file(str(tmp_path / "two" / "weights.safetensors"))
     assert dist_state.keys() == single.state_dict.keys()  # plain BatchNorm keys, no "module." prefix
     assert _relative_distance(single.state_dict, dist_state) < 2e-3
-    assert torch.equal(dist_state["layer1.0.bn1.num_batches_tracked"], single.state_dict["layer1.0.bn1.num_batches_tracked"])
+    assert torch.equal(
+        dist_state["layer1.0.bn1.num_batches_tracked"], single.state_dict["layer1.0.bn1.num_batches_tracked"]
+    )

@@ -60,12 +60,20 @@ def cells(tmp_path):
 
 
 def test_aggregate_writes_leaderboard_and_deltas(tmp_path, cells):
-    quality = aggregate(cells, scores_dir=tmp_path / "scores", metrics_dir=tmp_path / "metrics",
-                        reports_dir=tmp_path / "reports", measured_dir=tmp_path / "measured")
+    quality = aggregate(
+        cells,
+        scores_dir=tmp_path / "scores",
+        metrics_dir=tmp_path / "metrics",
+        reports_dir=tmp_path / "reports",
+        measured_dir=tmp_path / "measured",
+    )
     assert len(quality) == 4
     lb = pd.read_csv(tmp_path / "metrics" / "leaderboard.csv")
     assert list(lb[["model", "backbone"]].itertuples(index=False, name=None)) == [
-        ("panda", "fractal"), ("panda", "random"), ("patchcore", "fractal"), ("patchcore", "random")
+        ("panda", "fractal"),
+        ("panda", "random"),
+        ("patchcore", "fractal"),
+        ("patchcore", "random"),
     ]
     summary = json.loads((tmp_path / "metrics" / "summary.json").read_text())
     assert summary["sem"]["patchcore"]["fractal"]["image_auroc"] == 0.95
@@ -89,17 +97,29 @@ def test_aggregate_writes_leaderboard_and_deltas(tmp_path, cells):
 def test_aggregate_is_byte_identical_when_rerun(tmp_path, cells):
     outputs = []
     for run in ("a", "b"):
-        aggregate(cells, scores_dir=tmp_path / "scores", metrics_dir=tmp_path / run, reports_dir=tmp_path / f"r{run}",
-                  measured_dir=tmp_path / f"m{run}")
-        outputs.append({p.name: p.read_bytes() for p in [*(tmp_path / run).iterdir(), *(tmp_path / f"r{run}").iterdir()]})
+        aggregate(
+            cells,
+            scores_dir=tmp_path / "scores",
+            metrics_dir=tmp_path / run,
+            reports_dir=tmp_path / f"r{run}",
+            measured_dir=tmp_path / f"m{run}",
+        )
+        outputs.append(
+            {p.name: p.read_bytes() for p in [*(tmp_path / run).iterdir(), *(tmp_path / f"r{run}").iterdir()]}
+        )
     assert outputs[0] == outputs[1]
 
 
 def test_missing_cell_names_the_stage(tmp_path, cells):
     extra = Cell("sem", "padim", "random", "random")
     with pytest.raises(FileNotFoundError, match="score@sem-padim-random"):
-        aggregate([*cells, extra], scores_dir=tmp_path / "scores", metrics_dir=tmp_path / "m", reports_dir=tmp_path / "r",
-                  measured_dir=tmp_path / "measured")
+        aggregate(
+            [*cells, extra],
+            scores_dir=tmp_path / "scores",
+            metrics_dir=tmp_path / "m",
+            reports_dir=tmp_path / "r",
+            measured_dir=tmp_path / "measured",
+        )
 
 
 def test_gallery_picks_false_alarms_misses_and_typical_hits(tmp_path):

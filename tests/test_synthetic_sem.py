@@ -34,9 +34,7 @@ def _png_bytes(root: Path) -> dict[str, bytes]:
 
 def test_layout_counts_and_manifest_follow_params(small_ds):
     root, counts = small_ds
-    assert counts == {
-        "train": {"good": 5}, "val": {"good": 2}, "test": {"good": 3} | {d: 2 for d in SEM_DEFECTS}
-    }
+    assert counts == {"train": {"good": 5}, "val": {"good": 2}, "test": {"good": 3} | {d: 2 for d in SEM_DEFECTS}}
     assert len(list((root / "train/good").glob("*.png"))) == 5
     assert len(list((root / "val/good").glob("*.png"))) == 2
     rows = read_manifest(root)
@@ -208,8 +206,11 @@ def test_preview_works_for_rgb_datasets_without_masks(tmp_path):
     """Generic: an RGB, image-level-only dataset (e.g. a real dataset) previews too."""
     root = tmp_path / "rgb"
     rng = np.random.default_rng(0)
-    rows = [("train/good/0.png", "train", 0, "good"), ("test/good/0.png", "test", 0, "good"),
-            ("test/crack/0.png", "test", 1, "crack")]
+    rows = [
+        ("train/good/0.png", "train", 0, "good"),
+        ("test/good/0.png", "test", 0, "good"),
+        ("test/crack/0.png", "test", 1, "crack"),
+    ]
     for path, *_ in rows:
         (root / path).parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(rng.integers(0, 255, (40, 60, 3), dtype=np.uint8)).save(root / path)

@@ -281,7 +281,7 @@ def score_cell(
         if first is None:  # costs, maps and pictures come from the first seed's model
             latency_batch = to_float(next(iter(loader(test, settings.batch_size))), dev)
             latency = cost.measure_latency(
-                lambda x: model.predict(x.to(dev)),
+                model.predict,  # batches are already on the device
                 latency_batch,
                 settings.latency_warmup,
                 settings.latency_repeats,

@@ -37,7 +37,9 @@ class RunGrid(StrictModel):
     models: list[str] = Field([], description="models on a backbone: one cell per backbone")
     pixel_models: list[str] = Field([], description="backbone-free models: one cell per dataset, backbone 'none'")
     backbones: list[str] = Field(min_length=1)
-    seeds: list[int] = Field([0], min_length=1, description="one fit per seed per cell; the leaderboard shows mean ± std")
+    seeds: list[int] = Field(
+        [0], min_length=1, description="one fit per seed per cell; the leaderboard shows mean ± std"
+    )
 
     @model_validator(mode="after")
     def _unique(self) -> RunGrid:
@@ -167,7 +169,10 @@ def _check_names_raw(raw: dict[str, Any]) -> list[str]:
         return value if isinstance(value, dict) else {}
 
     run = section("run")
-    lists = {k: run.get(k) if isinstance(run.get(k), list) else [] for k in ("datasets", "models", "pixel_models", "backbones")}
+    lists = {
+        k: run.get(k) if isinstance(run.get(k), list) else []
+        for k in ("datasets", "models", "pixel_models", "backbones")
+    }
     backbones = {
         k: SimpleNamespace(init=v.get("init"), arch=str(v.get("arch", "")))
         for k, v in section("backbones").items()

@@ -44,8 +44,15 @@ class FeatureExtractor(nn.Module):
     the weights were trained with. Always in eval mode (BatchNorm statistics never move), never needs grad.
     """
 
-    def __init__(self, net: nn.Module, layers: Sequence[str], mean: Sequence[float], std: Sequence[float], arch: str = "",
-                 channels_last: bool = False):
+    def __init__(
+        self,
+        net: nn.Module,
+        layers: Sequence[str],
+        mean: Sequence[float],
+        std: Sequence[float],
+        arch: str = "",
+        channels_last: bool = False,
+    ):
         super().__init__()
         # channels_last: ~1.3x faster resnet18 extraction on this CPU (benchmarks/results/pretrain.md);
         # outputs are made contiguous again so callers may .view() them
@@ -112,7 +119,7 @@ class FeatureExtractor(nn.Module):
             raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
         parts: list[dict[str, torch.Tensor]] = []
         for start in range(0, len(images), batch_size):
-            feats = self(images[start: start + batch_size].to(self.device, non_blocking=True))
+            feats = self(images[start : start + batch_size].to(self.device, non_blocking=True))
             parts.append({k: f.to(images.device) for k, f in feats.items()})
         return {name: torch.cat([p[name] for p in parts]) for name in self.layers}
 

@@ -87,8 +87,11 @@ def _check_loads(arch: str, state: dict[str, torch.Tensor], source: Path) -> dic
     expected = {k: v for k, v in model.state_dict().items() if not k.startswith(f"{head}.")}
     missing = sorted(set(expected) - set(body))
     unexpected = sorted(set(body) - set(expected))
-    wrong_shape = [f"{k} {tuple(body[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
-                   if k in body and body[k].shape != v.shape]
+    wrong_shape = [
+        f"{k} {tuple(body[k].shape)} vs {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in body and body[k].shape != v.shape
+    ]
     if missing or unexpected or wrong_shape:
         raise ValueError(
             f"{source}: weights do not fit timm architecture {arch!r} (is the file for another arch?): "
@@ -212,4 +215,3 @@ def copy_backbone(src: Path, dst: Path) -> None:
     with atomic_dir(Path(dst)) as tmp:
         for name in (WEIGHTS, CARD):
             shutil.copy2(Path(src) / name, tmp / name)
-

@@ -137,9 +137,7 @@ def _extract_into(archive: Path, members: Iterator[_Member], root: Path, cap: in
     return report
 
 
-def safe_extract(
-    archive: Path, target: Path, *, max_total_bytes: int, max_members: int = 2_000_000
-) -> ExtractReport:
+def safe_extract(archive: Path, target: Path, *, max_total_bytes: int, max_members: int = 2_000_000) -> ExtractReport:
     """Extract `archive` into `target` (replaced atomically) after checking every member.
 
     Raises UnsafeArchiveError (nothing is left at `target`) on any unsafe member or when more than

@@ -124,16 +124,19 @@ def download(
             have = 0  # server ignored Range: start over
         if resp.status_code == 206 and not resp.headers.get("Content-Range", "").startswith(f"bytes {have}-"):
             part.unlink()  # the server resumed somewhere else: never splice mismatched bytes
-            raise DownloadError(f"{url}: server answered Range bytes={have}- with "
-                                f"{resp.headers.get('Content-Range')!r}; partial file removed, run again")
+            raise DownloadError(
+                f"{url}: server answered Range bytes={have}- with "
+                f"{resp.headers.get('Content-Range')!r}; partial file removed, run again"
+            )
         h = _hash_existing(part) if have else hashlib.sha256()
         announced = resp.headers.get("Content-Length")
         total = have + int(announced) if announced is not None else size
         got = 0
         try:
-            with open(part, "ab" if have else "wb") as fh, tqdm(
-                total=total, initial=have, unit="B", unit_scale=True, desc=dest.name, disable=not progress
-            ) as bar:
+            with (
+                open(part, "ab" if have else "wb") as fh,
+                tqdm(total=total, initial=have, unit="B", unit_scale=True, desc=dest.name, disable=not progress) as bar,
+            ):
                 for block in resp.iter_content(NET_CHUNK):
                     fh.write(block)
                     h.update(block)

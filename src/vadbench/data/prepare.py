@@ -166,7 +166,10 @@ def prepare_real(
             modes.add(mode)
             usable.append(s)
         planned, report = plan_splits(
-            usable, hashes, seed=seed, val_fraction=spec.val_fraction,
+            usable,
+            hashes,
+            seed=seed,
+            val_fraction=spec.val_fraction,
             test_fraction=getattr(spec, "test_normal_fraction", 0.2),
         )
         where = root or Path(getattr(spec, "normal_dir", "."))
@@ -174,8 +177,9 @@ def prepare_real(
         grey = spec.channels == "grey" or (spec.channels == "auto" and modes <= hygiene.GREY_MODES)
         with atomic_dir(out_dir) as tmp:
             mask_notes: list[str] = []
-            rows = _write_images(name, spec, planned, tmp, grey, skipped, progress, workers or default_workers(),
-                                 mask_notes)
+            rows = _write_images(
+                name, spec, planned, tmp, grey, skipped, progress, workers or default_workers(), mask_notes
+            )
             for line in mask_notes[:10]:
                 tqdm.write(f"{name}: note: {line}")
             if len(mask_notes) > 10:
@@ -232,14 +236,22 @@ def _render_all(
 
 
 def _write_images(
-    name: str, spec: Any, planned: list[Source], tmp: Path, grey: bool, skipped: list[dict[str, str]],
-    progress: bool, workers: int, notes: list[str],
+    name: str,
+    spec: Any,
+    planned: list[Source],
+    tmp: Path,
+    grey: bool,
+    skipped: list[dict[str, str]],
+    progress: bool,
+    workers: int,
+    notes: list[str],
 ) -> list[ManifestRow]:
     size, rows, used = spec.image_size, [], set()
     jobs = [(str(s.path), tuple(map(str, s.masks)), s.mask_mode, grey, size, spec.max_pixels) for s in planned]
     results = _render_all(jobs, workers)
-    for s, (png, mask_png, error, found) in tqdm(zip(planned, results), total=len(planned), desc=f"{name}: write",
-                                                 unit="img", disable=not progress):
+    for s, (png, mask_png, error, found) in tqdm(
+        zip(planned, results), total=len(planned), desc=f"{name}: write", unit="img", disable=not progress
+    ):
         notes.extend(found)
         if error is not None:
             _bad(spec, skipped, s, hygiene.BadImageError(error))

@@ -124,7 +124,9 @@ class ImageSource(Dataset):
         hw = self.image_shape[1:]
         if not r.mask_path:
             return torch.zeros(hw, dtype=torch.uint8)
-        return torch.from_numpy(np.ascontiguousarray(_decode_mask(self.root / r.mask_path, self.image_size, self.crop, hw)))
+        return torch.from_numpy(
+            np.ascontiguousarray(_decode_mask(self.root / r.mask_path, self.image_size, self.crop, hw))
+        )
 
     def with_masks(self) -> Dataset:
         """The same split yielding (image uint8 (C, H, W), mask uint8 (H, W)) pairs."""
@@ -261,5 +263,7 @@ def float_batches(
     """Float32 batches (B, C, H, W) in [0, 1] on `device`, seeded shuffle when `generator` is given."""
     device = torch.device(device)
     src = as_source(source)
-    for batch in loader(src, batch_size, generator=generator, num_workers=num_workers, pin_memory=device.type == "cuda"):
+    for batch in loader(
+        src, batch_size, generator=generator, num_workers=num_workers, pin_memory=device.type == "cuda"
+    ):
         yield to_float(batch, device)

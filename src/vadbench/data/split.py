@@ -86,8 +86,13 @@ def _dedup(sources: list[Source], hashes: dict[str, str], report: SplitReport) -
                 continue
             drop.add(str(s.path))
             report.dropped_duplicates.append(
-                {"dropped": str(s.path), "split": s.split, "duplicate_of": str(keeper.path),
-                 "kept_in": keeper.split, "sha256": digest}
+                {
+                    "dropped": str(s.path),
+                    "split": s.split,
+                    "duplicate_of": str(keeper.path),
+                    "kept_in": keeper.split,
+                    "sha256": digest,
+                }
             )
     return [s for s in sources if str(s.path) not in drop]
 

@@ -196,12 +196,27 @@ def _draw_layout(rng: np.random.Generator, size: int, ss: int, design: SemLayout
     bg = rng.uniform(0.22, 0.27)
     metal_level = bg + rng.uniform(0.23, 0.28)
     return _Layout(
-        size=size, ss=ss, metal=metal, vias=vias, pad=pad, x0=x0, x1=x1, via_boxes=via_boxes,
-        width=width, pitch=pitch, bg=bg, metal_level=metal_level,
-        via_level=metal_level + rng.uniform(0.17, 0.22), edge_gain=rng.uniform(0.24, 0.3),
-        edge_sigma=rng.uniform(0.8, 1.1) * k, blur=rng.uniform(0.6, 0.8) * k,
-        transpose=bool(rng.random() < design.horizontal_fraction), shade=_shading(rng, size), offset=rng.uniform(-0.02, 0.02),
-        noise_sigma=rng.uniform(0.035, 0.045), scan_sigma=rng.uniform(0.0, 0.006),
+        size=size,
+        ss=ss,
+        metal=metal,
+        vias=vias,
+        pad=pad,
+        x0=x0,
+        x1=x1,
+        via_boxes=via_boxes,
+        width=width,
+        pitch=pitch,
+        bg=bg,
+        metal_level=metal_level,
+        via_level=metal_level + rng.uniform(0.17, 0.22),
+        edge_gain=rng.uniform(0.24, 0.3),
+        edge_sigma=rng.uniform(0.8, 1.1) * k,
+        blur=rng.uniform(0.6, 0.8) * k,
+        transpose=bool(rng.random() < design.horizontal_fraction),
+        shade=_shading(rng, size),
+        offset=rng.uniform(-0.02, 0.02),
+        noise_sigma=rng.uniform(0.035, 0.045),
+        scan_sigma=rng.uniform(0.0, 0.006),
     )
 
 
@@ -365,8 +380,12 @@ def _stain(lay: _Layout, rng: np.random.Generator, scale: float) -> tuple[_Layou
 
 # each takes (layout, defect stream, size scale) and returns (altered layout, overlay or None)
 _DEFECTS: dict[str, Callable[[_Layout, np.random.Generator, float], tuple[_Layout, Overlay | None]]] = {
-    "particle": _particle, "bridge": _bridge, "open": _open,
-    "scratch": _scratch, "stain": _stain, "missing": _missing,
+    "particle": _particle,
+    "bridge": _bridge,
+    "open": _open,
+    "scratch": _scratch,
+    "stain": _stain,
+    "missing": _missing,
 }
 assert set(_DEFECTS) == set(SEM_DEFECTS)
 
@@ -427,8 +446,11 @@ def generate_synthetic_sem(out_dir: Path, params: SyntheticSemParams, seed: int)
         raise TypeError(f"params must be SyntheticSemParams, got {type(params).__name__}")
     if not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
-    plan = [("train", "train/good", params.n_train), ("val", "val/good", params.n_val),
-            ("test/good", "test/good", params.n_test_normal)]
+    plan = [
+        ("train", "train/good", params.n_train),
+        ("val", "val/good", params.n_val),
+        ("test/good", "test/good", params.n_test_normal),
+    ]
     plan += [(f"test/{d}", f"test/{d}", params.n_test_per_defect) for d in params.defect_types]
     jobs = [(group, folder, i) for group, folder, n in plan for i in range(n)]
     digits = max(3, len(str(max(n for *_, n in plan) - 1)))
@@ -445,9 +467,14 @@ def generate_synthetic_sem(out_dir: Path, params: SyntheticSemParams, seed: int)
             if defect is not None:
                 _save_png(root / "ground_truth" / defect / f"{stem}_mask.png", mask)
         write_manifest(root, mvtec_layout_rows(root))
-        counts: dict[str, dict[str, int]] = {"train": {"good": params.n_train}, "val": {"good": params.n_val},
-                                             "test": {"good": params.n_test_normal}}
+        counts: dict[str, dict[str, int]] = {
+            "train": {"good": params.n_train},
+            "val": {"good": params.n_val},
+            "test": {"good": params.n_test_normal},
+        }
         counts["test"] |= {d: params.n_test_per_defect for d in params.defect_types}
-        write_json(root / "info.json", {"kind": "synthetic_sem", "seed": seed,
-                                        "params": params.model_dump(mode="json"), "counts": counts})
+        write_json(
+            root / "info.json",
+            {"kind": "synthetic_sem", "seed": seed, "params": params.model_dump(mode="json"), "counts": counts},
+        )
     return counts

@@ -143,8 +143,13 @@ def generate(out: Path, p: FractalsParams, seed: int, progress: bool = True) -> 
         (work / "systems").mkdir(exist_ok=True)
     todo = [] if finished else [c for c in range(p.num_classes) if not (work / "rows" / f"{c:04d}.csv").exists()]
     n_img = p.instances_per_class
-    bar = tqdm(total=p.num_classes * n_img, initial=(p.num_classes - len(todo)) * n_img, unit="img",
-               desc=f"fractals ({p.sampler})", disable=not progress)
+    bar = tqdm(
+        total=p.num_classes * n_img,
+        initial=(p.num_classes - len(todo)) * n_img,
+        unit="img",
+        desc=f"fractals ({p.sampler})",
+        disable=not progress,
+    )
     t0 = time.perf_counter()
     with bar:
         if p.workers == 1 or len(todo) <= 1:
@@ -165,8 +170,10 @@ def generate(out: Path, p: FractalsParams, seed: int, progress: bool = True) -> 
     if not any(root.iterdir()):
         root.rmdir()
     if progress:
-        print(f"fractals: {info['num_images']} images in {time.perf_counter() - t0:.1f}s "
-              f"(search acceptance {info['search']['acceptance_rate']:.3f}) → {out}")
+        print(
+            f"fractals: {info['num_images']} images in {time.perf_counter() - t0:.1f}s "
+            f"(search acceptance {info['search']['acceptance_rate']:.3f}) → {out}"
+        )
     return info
 
 

@@ -177,8 +177,14 @@ def rasterize(pts: np.ndarray, n: int, bbox: np.ndarray, pad: int, patch: np.nda
 
 @_jit
 def render_into(
-    maps: np.ndarray, cum: np.ndarray, n_points: int, pad: int, patch: np.ndarray, seed: np.uint64,
-    pts: np.ndarray, img: np.ndarray,
+    maps: np.ndarray,
+    cum: np.ndarray,
+    n_points: int,
+    pad: int,
+    patch: np.ndarray,
+    seed: np.uint64,
+    pts: np.ndarray,
+    img: np.ndarray,
 ) -> tuple[int, int]:
     """Chaos game + raster into `img` (S, S) uint8 using scratch `pts`. Returns (filled pixels, finite points)."""
     bbox = np.empty(4)

@@ -20,7 +20,8 @@ class FractalsParams(StrictModel):
     )
     num_classes: int = Field(16, ge=1, description="accepted IFS categories (paper: 1000)")
     instances_per_class: int = Field(
-        32, ge=1,
+        32,
+        ge=1,
         description="images per category (paper: 1000 = 25 weight variants × 10 patch renders × 4 flips). "
         "For fractaldb, fewer than the full product takes a seeded random subset of the variant×patch×flip grid",
     )
@@ -32,7 +33,9 @@ class FractalsParams(StrictModel):
     sigma_min_maps: int = Field(2, ge=1, le=16, description="sigma: fewest maps (paper: 2)")
     sigma_max_maps: int = Field(4, ge=1, le=16, description="sigma: most maps (paper: 4)")
     filling_threshold: float = Field(
-        0.2, gt=0.0, le=1.0,
+        0.2,
+        gt=0.0,
+        le=1.0,
         description="accept a system when non-zero/all pixels of its search render ≥ this (paper: 0.2)",
     )
     search_size: int = Field(512, ge=8, le=4096, description="search render side in px (paper: 512)")

@@ -12,6 +12,15 @@ from vadbench.metrics.image import IMAGE_KEYS, image_metrics, pr_points, roc_poi
 from vadbench.metrics.pixel import PIXEL_KEYS, PixelCounts, aupro, pixel_counts, pixel_metrics, pro_curve
 
 __all__ = [
-    "DECIMALS", "IMAGE_KEYS", "PIXEL_KEYS", "PixelCounts", "aupro", "image_metrics", "pixel_counts",
-    "pixel_metrics", "pr_points", "pro_curve", "roc_points",
+    "DECIMALS",
+    "IMAGE_KEYS",
+    "PIXEL_KEYS",
+    "PixelCounts",
+    "aupro",
+    "image_metrics",
+    "pixel_counts",
+    "pixel_metrics",
+    "pr_points",
+    "pro_curve",
+    "roc_points",
 ]

@@ -16,7 +16,13 @@ from sklearn.metrics import average_precision_score, precision_recall_curve, roc
 from vadbench.metrics._util import as_binary, as_scores, check_finite, rnd
 
 IMAGE_KEYS = (
-    "image_auroc", "image_aupr", "image_f1_max", "image_f1", "image_precision", "image_recall", "threshold",
+    "image_auroc",
+    "image_aupr",
+    "image_f1_max",
+    "image_f1",
+    "image_precision",
+    "image_recall",
+    "threshold",
 )
 
 
@@ -38,9 +44,7 @@ def f1_max_from_pr(precision: np.ndarray, recall: np.ndarray) -> float:
     return float(f1.max())
 
 
-def image_metrics(
-    scores: Any, labels: Any, val_scores: Any | None, quantile: float = 0.99
-) -> dict[str, Any]:
+def image_metrics(scores: Any, labels: Any, val_scores: Any | None, quantile: float = 0.99) -> dict[str, Any]:
     """Image-level metrics for one cell.
 
     scores (N,) test image scores, higher = more anomalous; labels (N,) 0 normal / 1 anomalous;

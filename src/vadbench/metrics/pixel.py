@@ -137,8 +137,14 @@ def pixel_counts(
     rev = slice(None, None, -1)  # to thresholds descending
     pro = np.cumsum(wsum[rev]) / n_regions
     return PixelCounts(
-        thresholds=u[rev], tp=np.cumsum(count[rev]), fp=n_neg - below[rev], fp_above=n_neg - below_eq[rev],
-        pro=np.minimum(pro, 1.0), n_pos=n_pos, n_neg=n_neg, n_regions=n_regions,
+        thresholds=u[rev],
+        tp=np.cumsum(count[rev]),
+        fp=n_neg - below[rev],
+        fp_above=n_neg - below_eq[rev],
+        pro=np.minimum(pro, 1.0),
+        n_pos=n_pos,
+        n_neg=n_neg,
+        n_regions=n_regions,
     )
 
 
@@ -196,16 +202,12 @@ def _check_limit(fpr_limit: float) -> None:
         raise ValueError(f"aggregate.aupro_fpr_limit must be in (0, 1], got {fpr_limit}")
 
 
-def pro_curve(
-    maps: Any, masks: Any, chunk_pixels: int = DEFAULT_CHUNK_PIXELS
-) -> tuple[np.ndarray, np.ndarray]:
+def pro_curve(maps: Any, masks: Any, chunk_pixels: int = DEFAULT_CHUNK_PIXELS) -> tuple[np.ndarray, np.ndarray]:
     """maps (N, H, W), masks (N, H, W) 0/1 → exact PRO curve (fpr (K,), pro (K,)); ValueError if undefined."""
     return pro_curve_from_counts(pixel_counts(maps, masks, chunk_pixels))
 
 
-def aupro(
-    maps: Any, masks: Any, fpr_limit: float = 0.3, chunk_pixels: int = DEFAULT_CHUNK_PIXELS
-) -> float | None:
+def aupro(maps: Any, masks: Any, fpr_limit: float = 0.3, chunk_pixels: int = DEFAULT_CHUNK_PIXELS) -> float | None:
     """Area under the PRO curve up to FPR = fpr_limit, divided by fpr_limit; None without defects/normals."""
     _check_limit(fpr_limit)
     c = pixel_counts(maps, masks, chunk_pixels)

@@ -17,7 +17,6 @@ from typing import Any
 
 import torch
 from pydantic import Field
-
 from torch.utils.data import Dataset
 
 from vadbench.backbones import FeatureExtractor, pick
@@ -42,7 +41,6 @@ class PaDiM(AnomalyModel):
 
     def __init__(self, backbone: FeatureExtractor, **params: Any) -> None:
         super().__init__(**params)
-        p = self.p
         self.backbone = backbone
         # sizes known only after fit: (d,) channel indices, (d, h, w) means, (h·w, d, d) inverse covariances
         self.register_buffer("channel_idx", torch.empty(0, dtype=torch.int64))
@@ -68,7 +66,9 @@ class PaDiM(AnomalyModel):
         device = module_device(self.backbone)
         total = sum(self.backbone.channels_of(self.p.layers))
         if self.p.n_features > total:
-            raise ValueError(f"models.padim.n_features={self.p.n_features} exceeds the {total} channels of {self.p.layers}")
+            raise ValueError(
+                f"models.padim.n_features={self.p.n_features} exceeds the {total} channels of {self.p.layers}"
+            )
         gen = torch.Generator().manual_seed(self.p.seed)
         self.channel_idx = torch.randperm(total, generator=gen)[: self.p.n_features].sort().values.to(device)
 
@@ -115,7 +115,9 @@ class PaDiM(AnomalyModel):
             batch = images[start : start + self.p.batch_size]
             emb = self._embed(batch)
             if emb.shape[1:] != self.mean.shape:
-                raise ValueError(f"embedding {tuple(emb.shape[1:])} ≠ fitted {tuple(self.mean.shape)}: other image size?")
+                raise ValueError(
+                    f"embedding {tuple(emb.shape[1:])} ≠ fitted {tuple(self.mean.shape)}: other image size?"
+                )
             m = upsample_and_smooth(self.mahalanobis(emb), tuple(batch.shape[-2:]), self.p.sigma)
             maps.append(m.float().cpu())
             scores.append(m.flatten(1).amax(dim=1).float().cpu())

@@ -23,9 +23,17 @@ def main(argv: list[str]) -> int:
     job = json.loads(Path(argv[0]).read_text())
     params = PretrainParams.model_validate_json(json.dumps(job["params"]))
     try:
-        run_pretrain(job["fractal_dir"], job["out_dir"], job["metrics_path"], job["log_path"], job["work_root"],
-                     params, seed=int(job["seed"]), device=job.get("device", "auto"),
-                     stop_after_epoch=job.get("stop_after_epoch"))
+        run_pretrain(
+            job["fractal_dir"],
+            job["out_dir"],
+            job["metrics_path"],
+            job["log_path"],
+            job["work_root"],
+            params,
+            seed=int(job["seed"]),
+            device=job.get("device", "auto"),
+            stop_after_epoch=job.get("stop_after_epoch"),
+        )
     except StopRequested as stop:
         print(stop, file=sys.stderr)
         return 3

@@ -72,8 +72,15 @@ class FractalImages(Dataset):
     Call `set_epoch` before each epoch (workers are re-created per epoch, so they see it).
     """
 
-    def __init__(self, items: list[tuple[Path, int]], input_size: int, crop_size: int, train: bool,
-                 hflip: bool = True, seed: int = 0):
+    def __init__(
+        self,
+        items: list[tuple[Path, int]],
+        input_size: int,
+        crop_size: int,
+        train: bool,
+        hflip: bool = True,
+        seed: int = 0,
+    ):
         self.items, self.input_size, self.crop_size = items, input_size, crop_size
         self.train, self.hflip, self.seed, self.epoch = train, hflip, seed, 0
 
@@ -105,7 +112,7 @@ class FractalImages(Dataset):
         else:
             top = left = room // 2
             flip = False
-        img = img[top: top + self.crop_size, left: left + self.crop_size]
+        img = img[top : top + self.crop_size, left : left + self.crop_size]
         if flip:
             img = img.flip(-1)
         return img.unsqueeze(0).float().div_(255.0), label

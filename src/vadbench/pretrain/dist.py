@@ -70,13 +70,21 @@ def barrier(ctx: DistContext) -> None:
 
 def torchrun_command(nproc_per_node: int, script_args: list[str]) -> list[str]:
     """Arg list that relaunches a script on this node with `nproc_per_node` processes (free port)."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc_per_node}",
-            *script_args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc_per_node}",
+        *script_args,
+    ]
 
 
 # the autograd-aware all_reduce is deprecated in favour of functional collectives, which have no
 # backward through all_reduce yet; it works, so keep logs quiet
-warnings.filterwarnings("ignore", message=r".*torch.distributed.nn.functional.all_reduce is deprecated", category=FutureWarning)
+warnings.filterwarnings(
+    "ignore", message=r".*torch.distributed.nn.functional.all_reduce is deprecated", category=FutureWarning
+)
 
 
 class CpuSyncBatchNorm(nn.BatchNorm2d):
@@ -111,11 +119,11 @@ def convert_sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
         return nn.SyncBatchNorm.convert_sync_batchnorm(model)
     for name, child in model.named_children():
         if type(child) is nn.BatchNorm2d:
-            sync = CpuSyncBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
-                                    child.track_running_stats)
+            sync = CpuSyncBatchNorm(
+                child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats
+            )
             sync.load_state_dict(child.state_dict())
             setattr(model, name, sync)
         else:
             convert_sync_batchnorm(child, device)
     return model
-

@@ -33,26 +33,55 @@ def _fractal_info(fractal_dir: Path) -> dict[str, Any]:
     return {**info.get("params", {}), **info}  # image_size sits at the top level or under "params"
 
 
-def write_outputs(result: PretrainResult, p: PretrainParams, seed: int, fractal_dir: Path, out_dir: Path,
-                  metrics_path: Path, log_path: Path, timing_path: Path | None = None) -> BackboneCard:
+def write_outputs(
+    result: PretrainResult,
+    p: PretrainParams,
+    seed: int,
+    fractal_dir: Path,
+    out_dir: Path,
+    metrics_path: Path,
+    log_path: Path,
+    timing_path: Path | None = None,
+) -> BackboneCard:
     final = result.log[-1]
     extra = dict(
         fractal_data_sha256=result.data_sha256,
         fractal_image_size=_fractal_info(fractal_dir).get("image_size"),
-        epochs=p.epochs, batch_size=p.batch_size, lr=p.lr, milestones=list(p.milestones), seed=seed,
-        num_classes=result.num_classes, input_size=p.input_size, image_size=p.crop_size,
-        val_top1=final["val_top1"], train_top1=final["train_top1"], n_train=result.n_train, n_val=result.n_val,
+        epochs=p.epochs,
+        batch_size=p.batch_size,
+        lr=p.lr,
+        milestones=list(p.milestones),
+        seed=seed,
+        num_classes=result.num_classes,
+        input_size=p.input_size,
+        image_size=p.crop_size,
+        val_top1=final["val_top1"],
+        train_top1=final["train_top1"],
+        n_train=result.n_train,
+        n_val=result.n_val,
     )
-    card = BackboneCard(arch=p.arch, init="fractal", mean=tuple(p.mean), std=tuple(p.std),
-                        source=f"vadbench pretrain stage: {p.arch} trained from scratch on {fractal_dir}", extra=extra)
+    card = BackboneCard(
+        arch=p.arch,
+        init="fractal",
+        mean=tuple(p.mean),
+        std=tuple(p.std),
+        source=f"vadbench pretrain stage: {p.arch} trained from scratch on {fractal_dir}",
+        extra=extra,
+    )
     with atomic_dir(Path(out_dir)) as tmp:
         save_file(result.state_dict, str(tmp / WEIGHTS))
         card.weights_sha256 = sha256_file(tmp / WEIGHTS)
         (tmp / CARD).write_text(json.dumps(card.to_json(), indent=2, sort_keys=True) + "\n")
     metrics = dict(
-        val_top1=final["val_top1"], best_val_top1=max(r["val_top1"] for r in result.log),
-        train_top1=final["train_top1"], train_loss=final["train_loss"], chance_top1=1.0 / result.num_classes,
-        epochs=p.epochs, num_classes=result.num_classes, n_train=result.n_train, n_val=result.n_val,
+        val_top1=final["val_top1"],
+        best_val_top1=max(r["val_top1"] for r in result.log),
+        train_top1=final["train_top1"],
+        train_loss=final["train_loss"],
+        chance_top1=1.0 / result.num_classes,
+        epochs=p.epochs,
+        num_classes=result.num_classes,
+        n_train=result.n_train,
+        n_val=result.n_val,
     )
     write_json(Path(metrics_path), metrics)
     if timing_path is not None:
@@ -63,20 +92,38 @@ def write_outputs(result: PretrainResult, p: PretrainParams, seed: int, fractal_
     return card
 
 
-def run_pretrain(fractal_dir: Path, out_dir: Path, metrics_path: Path, log_path: Path, work_root: Path,
-                 p: PretrainParams, *, seed: int, device: str = "auto",
-                 stop_after_epoch: int | None = None, timing_path: Path | None = None) -> PretrainResult:
+def run_pretrain(
+    fractal_dir: Path,
+    out_dir: Path,
+    metrics_path: Path,
+    log_path: Path,
+    work_root: Path,
+    p: PretrainParams,
+    *,
+    seed: int,
+    device: str = "auto",
+    stop_after_epoch: int | None = None,
+    timing_path: Path | None = None,
+) -> PretrainResult:
     """Whole stage for this process: joins torchrun's group if launched by it; rank 0 writes the outputs.
 
     The checkpoint dir is removed after a successful write (DVC caches the outputs; nothing to resume).
     """
     ctx, dev = init_distributed(select_device(device), p.dist_timeout_s)
     try:
-        result = pretrain(Path(fractal_dir), p, seed=seed, device=dev, work_root=Path(work_root), ctx=ctx,
-                          stop_after_epoch=stop_after_epoch)
+        result = pretrain(
+            Path(fractal_dir),
+            p,
+            seed=seed,
+            device=dev,
+            work_root=Path(work_root),
+            ctx=ctx,
+            stop_after_epoch=stop_after_epoch,
+        )
         if ctx.is_main:
-            write_outputs(result, p, seed, Path(fractal_dir), Path(out_dir), Path(metrics_path), Path(log_path),
-                          timing_path)
+            write_outputs(
+                result, p, seed, Path(fractal_dir), Path(out_dir), Path(metrics_path), Path(log_path), timing_path
+            )
             key = run_key(p, seed, result.data_sha256, ctx.world_size, dev.type)
             shutil.rmtree(Path(work_root) / key, ignore_errors=True)
         barrier(ctx)

@@ -49,8 +49,9 @@ class PretrainResult:
 
 def run_key(params: PretrainParams, seed: int, data_sha256: str, world_size: int, device_type: str) -> str:
     """Identity of a training run: a checkpoint is only resumed by the run that wrote it."""
-    ident = dict(params=params.model_dump(mode="json"), seed=seed, data=data_sha256, world_size=world_size,
-                 device=device_type)
+    ident = dict(
+        params=params.model_dump(mode="json"), seed=seed, data=data_sha256, world_size=world_size, device=device_type
+    )
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -68,8 +69,14 @@ def _to_input(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, channels_l
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
-def _save_checkpoint(path: Path, epoch: int, model: nn.Module, opt: torch.optim.Optimizer,
-                     scaler: torch.amp.GradScaler, log: list[dict[str, float]]) -> None:
+def _save_checkpoint(
+    path: Path,
+    epoch: int,
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    log: list[dict[str, float]],
+) -> None:
     state = {
         "epochs_done": epoch,
         "model": model.state_dict(),
@@ -84,8 +91,16 @@ def _save_checkpoint(path: Path, epoch: int, model: nn.Module, opt: torch.optim.
         torch.save(state, tmp)
 
 
-def pretrain(fractal_dir: Path, p: PretrainParams, *, seed: int, device: torch.device, work_root: Path,
-             ctx: DistContext = DistContext(), stop_after_epoch: int | None = None) -> PretrainResult:
+def pretrain(
+    fractal_dir: Path,
+    p: PretrainParams,
+    *,
+    seed: int,
+    device: torch.device,
+    work_root: Path,
+    ctx: DistContext = DistContext(),
+    stop_after_epoch: int | None = None,
+) -> PretrainResult:
     """Train `p.arch` on `fractal_dir`; checkpoints go to ``work_root/<run_key>/last.pt`` (resumed if present).
 
     Returns the final (unwrapped, plain BatchNorm) state dict and the per-epoch log on every rank.
@@ -95,21 +110,29 @@ def pretrain(fractal_dir: Path, p: PretrainParams, *, seed: int, device: torch.d
         raise ValueError(f"pretrain.batch_size ({p.batch_size}) must be divisible by the world size ({ctx.world_size})")
     split = read_fractal_split(fractal_dir, p.val_fraction, seed)
     if len(split.train) < p.batch_size:
-        raise ValueError(f"pretrain.batch_size ({p.batch_size}) exceeds the {len(split.train)} training fractals "
-                         f"in {fractal_dir}: lower it or render more instances")
+        raise ValueError(
+            f"pretrain.batch_size ({p.batch_size}) exceeds the {len(split.train)} training fractals "
+            f"in {fractal_dir}: lower it or render more instances"
+        )
     data_sha = sha256_tree(fractal_dir)
     ckpt = Path(work_root) / run_key(p, seed, data_sha, ctx.world_size, device.type) / "last.pt"
     local_batch = p.batch_size // ctx.world_size
     train_ds = FractalImages(split.train, p.input_size, p.crop_size, train=True, hflip=p.hflip, seed=seed)
     val_ds = FractalImages(split.val, p.input_size, p.crop_size, train=False)
     # num_replicas=1 in the single-process case too: the same permutation as N processes
-    sampler = DistributedSampler(train_ds, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=seed,
-                                 drop_last=True)
+    sampler = DistributedSampler(
+        train_ds, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=seed, drop_last=True
+    )
     pin = device.type == "cuda"
-    train_dl = DataLoader(train_ds, batch_size=local_batch, sampler=sampler, drop_last=True,
-                          num_workers=p.workers, pin_memory=pin)
-    val_dl = DataLoader(Subset(val_ds, range(ctx.rank, len(val_ds), ctx.world_size)), batch_size=local_batch,
-                        num_workers=p.workers, pin_memory=pin)
+    train_dl = DataLoader(
+        train_ds, batch_size=local_batch, sampler=sampler, drop_last=True, num_workers=p.workers, pin_memory=pin
+    )
+    val_dl = DataLoader(
+        Subset(val_ds, range(ctx.rank, len(val_ds), ctx.world_size)),
+        batch_size=local_batch,
+        num_workers=p.workers,
+        pin_memory=pin,
+    )
     steps = len(train_dl)
 
     seed_everything(seed)  # same init on every rank (DDP also broadcasts rank 0's)
@@ -137,8 +160,11 @@ def pretrain(fractal_dir: Path, p: PretrainParams, *, seed: int, device: torch.d
         log, start = list(state["log"]), int(state["epochs_done"])
         if ctx.is_main:
             tqdm.write(f"pretrain: resuming from epoch {start} of {p.epochs} ({ckpt})")
-    net = DistributedDataParallel(model, device_ids=[device.index] if pin else None, broadcast_buffers=False) \
-        if ctx.active else model
+    net = (
+        DistributedDataParallel(model, device_ids=[device.index] if pin else None, broadcast_buffers=False)
+        if ctx.active
+        else model
+    )
     mean = torch.tensor(p.mean, device=device).view(1, 3, 1, 1)
     std = torch.tensor(p.std, device=device).view(1, 3, 1, 1)
     loss_fn = nn.CrossEntropyLoss()
@@ -161,8 +187,10 @@ def pretrain(fractal_dir: Path, p: PretrainParams, *, seed: int, device: torch.d
                 logits = net(x)
                 loss = loss_fn(logits.float(), y)
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"pretrain loss is {loss.item()} at epoch {epoch + 1} step {step + 1}: "
-                                         f"lower pretrain.lr ({p.lr}) or add pretrain.warmup_epochs")
+                raise FloatingPointError(
+                    f"pretrain loss is {loss.item()} at epoch {epoch + 1} step {step + 1}: "
+                    f"lower pretrain.lr ({p.lr}) or add pretrain.warmup_epochs"
+                )
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)
@@ -177,27 +205,54 @@ def pretrain(fractal_dir: Path, p: PretrainParams, *, seed: int, device: torch.d
         loss_sum, correct, n = all_sum(sums, ctx, device)
         throughput.append(n / elapsed)
         val_top1 = evaluate(model, val_dl, mean, std, channels_last, amp_dtype, device, ctx)
-        row = dict(epoch=epoch + 1, train_loss=loss_sum / n, train_top1=correct / n, val_top1=val_top1,
-                   lr=lr_at(p, epoch, steps - 1, steps))
+        row = dict(
+            epoch=epoch + 1,
+            train_loss=loss_sum / n,
+            train_top1=correct / n,
+            val_top1=val_top1,
+            lr=lr_at(p, epoch, steps - 1, steps),
+        )
         log.append(row)
         if ctx.is_main:
-            tqdm.write(f"epoch {epoch + 1}/{p.epochs}: loss {row['train_loss']:.4f} "
-                       f"train top-1 {row['train_top1']:.3f} val top-1 {val_top1:.3f} ({n / elapsed:.1f} img/s)")
+            tqdm.write(
+                f"epoch {epoch + 1}/{p.epochs}: loss {row['train_loss']:.4f} "
+                f"train top-1 {row['train_top1']:.3f} val top-1 {val_top1:.3f} ({n / elapsed:.1f} img/s)"
+            )
             _save_checkpoint(ckpt, epoch + 1, model, opt, scaler, log)
         barrier(ctx)
         if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch and epoch + 1 < p.epochs:
             raise StopRequested(f"stopped after epoch {epoch + 1} (checkpoint {ckpt})")
 
     state_dict = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    timing = dict(train_images_per_s_median=statistics.median(throughput) if throughput else None,
-                  train_images_per_s=throughput, device=str(device), world_size=ctx.world_size)
-    return PretrainResult(state_dict, log, len(split.classes), len(split.train), len(split.val), data_sha,
-                          resumed_from_epoch=start, timing=timing)
+    timing = dict(
+        train_images_per_s_median=statistics.median(throughput) if throughput else None,
+        train_images_per_s=throughput,
+        device=str(device),
+        world_size=ctx.world_size,
+    )
+    return PretrainResult(
+        state_dict,
+        log,
+        len(split.classes),
+        len(split.train),
+        len(split.val),
+        data_sha,
+        resumed_from_epoch=start,
+        timing=timing,
+    )
 
 
 @torch.no_grad()
-def evaluate(net: nn.Module, loader: DataLoader, mean: torch.Tensor, std: torch.Tensor, channels_last: bool,
-             amp_dtype: torch.dtype | None, device: torch.device, ctx: DistContext) -> float:
+def evaluate(
+    net: nn.Module,
+    loader: DataLoader,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    channels_last: bool,
+    amp_dtype: torch.dtype | None,
+    device: torch.device,
+    ctx: DistContext,
+) -> float:
     """Top-1 on the held-out fractal instances (each rank scores its shard; counts are summed).
 
     `net` is the unwrapped model: shards may differ in size, so no DDP forward (and no collective) here.

@@ -70,7 +70,9 @@ def render_gallery(
         if maps is not None:
             bottom.imshow(maps[i], cmap="jet", alpha=0.45, vmin=lo, vmax=hi)
         else:
-            bottom.text(0.5, 0.5, "no map\n(image-level)", ha="center", va="center", fontsize=7, transform=bottom.transAxes)
+            bottom.text(
+                0.5, 0.5, "no map\n(image-level)", ha="center", va="center", fontsize=7, transform=bottom.transAxes
+            )
         for ax in (top, bottom):
             ax.set_xticks([])
             ax.set_yticks([])

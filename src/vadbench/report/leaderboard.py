@@ -24,7 +24,15 @@ QUALITY = (
     "pixel_aupro",
 )
 #: measured (vary between runs; metrics/measured/) and deterministic (parameters, bytes: in metrics.json)
-COSTS = ("fit_seconds", "latency_ms", "throughput_ips", "fit_peak_rss_mb", "score_peak_rss_mb", "parameters", "model_bytes")
+COSTS = (
+    "fit_seconds",
+    "latency_ms",
+    "throughput_ips",
+    "fit_peak_rss_mb",
+    "score_peak_rss_mb",
+    "parameters",
+    "model_bytes",
+)
 _DETERMINISTIC_COSTS = ("parameters", "model_bytes")
 DELTA_METRICS = ("image_auroc", "pixel_auroc", "pixel_aupro")
 
@@ -72,8 +80,14 @@ def collect(cells: list[Cell], scores_dir: Path, measured_dir: Path | None = Non
         stds = {f"{k}_std": m.get(f"{k}_std") for k in QUALITY}
         seeds = m.get("seeds") or [None]
         quality.append(
-            {**key, **{k: m.get(k) for k in QUALITY}, **stds, "n_seeds": len(seeds), "image_size": m.get("image_size"),
-             "notes": "; ".join(notes)}
+            {
+                **key,
+                **{k: m.get(k) for k in QUALITY},
+                **stds,
+                "n_seeds": len(seeds),
+                "image_size": m.get("image_size"),
+                "notes": "; ".join(notes),
+            }
         )
         costs.append({**key, **{k: c.get(k) for k in COSTS}, "device": c.get("device")})
     order = ["dataset", "model", "backbone"]
@@ -156,7 +170,9 @@ def render_markdown(quality: pd.DataFrame) -> str:
         ranked = q.sort_values(["image_auroc", "model", "backbone"], ascending=[False, True, True], kind="stable")
         shown = ranked[["model", "backbone", "init", *QUALITY, "n_seeds", "notes"]].astype(object)
         for k in QUALITY:  # mean ± std over seeds where there are several
-            shown[k] = [_fmt(v) if _missing(sd) else f"{_fmt(v)} ± {_fmt(sd)}" for v, sd in zip(ranked[k], ranked[f"{k}_std"])]
+            shown[k] = [
+                _fmt(v) if _missing(sd) else f"{_fmt(v)} ± {_fmt(sd)}" for v, sd in zip(ranked[k], ranked[f"{k}_std"])
+            ]
         parts.append(markdown_table(shown))
         parts.append("\n### Image AUROC / pixel AUROC (model × backbone)\n")
         pivot = q.pivot(index="model", columns="backbone", values="image_auroc")
@@ -177,8 +193,10 @@ def render_markdown(quality: pd.DataFrame) -> str:
 
 
 def render_costs(costs: pd.DataFrame) -> str:
-    parts = ["# vadbench costs\n\nMeasured on the machine named in `device`; they vary between runs "
-             "(fit: first seed; latency: batch 1; peak RSS of the stage process).\n"]
+    parts = [
+        "# vadbench costs\n\nMeasured on the machine named in `device`; they vary between runs "
+        "(fit: first seed; latency: batch 1; peak RSS of the stage process).\n"
+    ]
     for dataset, c in costs.groupby("dataset", sort=True):
         parts.append(f"\n## {dataset}\n")
         parts.append(markdown_table(c[["model", "backbone", *COSTS, "device"]], digits=1))

@@ -13,7 +13,12 @@ from vadbench.report.figures import plt, save_figure
 def plot_auroc_bars(quality: pd.DataFrame, out_png: Path) -> None:
     """One panel per dataset: image and pixel AUROC for each model × backbone."""
     datasets = sorted(quality["dataset"].unique())
-    fig, axes = plt.subplots(len(datasets), 1, figsize=(max(6, 0.9 * quality.groupby("dataset").size().max() + 2), 3.2 * len(datasets)), squeeze=False)
+    fig, axes = plt.subplots(
+        len(datasets),
+        1,
+        figsize=(max(6, 0.9 * quality.groupby("dataset").size().max() + 2), 3.2 * len(datasets)),
+        squeeze=False,
+    )
     for ax, dataset in zip(axes[:, 0], datasets):
         q = quality[quality["dataset"] == dataset].sort_values(["model", "backbone"], kind="stable")
         # long names (reverse_distillation) break at "_" so neighbouring tick labels do not overlap

@@ -166,7 +166,10 @@ def train(
         to_train()
         total, count = 0.0, 0
         batches: Iterable[Any] = loader(
-            train_src, settings.batch_size, generator=generator, num_workers=settings.num_workers,
+            train_src,
+            settings.batch_size,
+            generator=generator,
+            num_workers=settings.num_workers,
             pin_memory=device.type == "cuda",
         )
         for batch in batches:
@@ -232,7 +235,9 @@ def predict_maps(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """maps_fn over one batch of float images (already on the device) in sub-batches → (max of each map (B,),
     maps (B, H, W)), float32 on CPU. Every map method here scores an image by its map's maximum."""
-    out = [maps_fn(images[start : start + batch_size].float()).float().cpu() for start in range(0, len(images), batch_size)]
+    out = [
+        maps_fn(images[start : start + batch_size].float()).float().cpu() for start in range(0, len(images), batch_size)
+    ]
     maps = torch.cat(out)
     return maps.flatten(1).amax(1), maps
 
