@@ -21,7 +21,7 @@ def test_list_models_has_a_line_per_registered_model(capsys):
 def test_list_datasets_and_backbones(capsys):
     assert main(["list", "datasets", "--params", str(ROOT / "params.yaml")]) == 0
     out = capsys.readouterr().out
-    assert "folder" in out and "normal_dir=<required>" in out and "synthetic_sem: kind synthetic_sem" in out
+    assert "folder" in out and "root=None" in out and "synthetic_sem: kind synthetic_sem" in out
     assert main(["list", "backbones", "--params", str(ROOT / "params.yaml")]) == 0
     out = capsys.readouterr().out
     assert "fractal      resnet18 init fractal (in run)" in out

@@ -44,7 +44,9 @@ def mask(path: Path, size=(40, 30), box=(5, 5, 15, 15), value=255) -> Path:
     return path
 
 
-def mvtec_tree(root: Path, cat="bottle", n_train=6, n_good=2, types=("crack",), n_bad=2, normal="good", mask_sfx="_mask", **kw) -> Path:
+def mvtec_tree(
+    root: Path, cat="bottle", n_train=6, n_good=2, types=("crack",), n_bad=2, normal="good", mask_sfx="_mask", **kw
+) -> Path:
     c = root / cat
     seed = 0
     for i in range(n_train):
@@ -104,7 +106,9 @@ def test_visa_relayout_from_1cls_csv_with_index_masks(tmp_path):
     (base / "split_csv").mkdir(parents=True)
     with open(base / "split_csv" / "1cls.csv", "w", newline="") as fh:
         csv.writer(fh).writerows([["object", "split", "label", "image", "mask"], *rows])
-    spec = VisaParams(category="pcb1", data_dir=str(tmp_path / "src"), image_size=32, val_fraction=0.25, check_counts=False)
+    spec = VisaParams(
+        category="pcb1", data_dir=str(tmp_path / "src"), image_size=32, val_fraction=0.25, check_counts=False
+    )
     out, info = run(spec, tmp_path / "src", tmp_path)
     assert info["counts"] == {"train": {"good": 3}, "val": {"good": 1}, "test": {"bad": 2, "good": 1}}
     test = load_split(out, "test")
@@ -166,7 +170,9 @@ def test_miic_missing_tells_what_to_fetch(tmp_path):
 def test_manual_datasets_say_what_to_fetch(tmp_path, monkeypatch):
     (tmp_path / "raw" / "mpdd" / "connector").mkdir(parents=True)  # something there, but not the category
     with pytest.raises(ManualDownloadError, match="bracket_white.*github.com/stepanje/MPDD"):
-        prepare_real("m", MpddParams(category="bracket_white"), out_dir=tmp_path / "p", seed=0, raw_dir=tmp_path / "raw")
+        prepare_real(
+            "m", MpddParams(category="bracket_white"), out_dir=tmp_path / "p", seed=0, raw_dir=tmp_path / "raw"
+        )
     import importlib.util
 
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)  # as if elpv-dataset were absent
@@ -176,7 +182,9 @@ def test_manual_datasets_say_what_to_fetch(tmp_path, monkeypatch):
 
 def _elpv(root: Path) -> Path:
     lines = []
-    for i, (prob, kind) in enumerate([(0.0, "mono")] * 10 + [(1.0, "mono")] * 3 + [(1 / 3, "mono")] * 2 + [(0.0, "poly")] * 4):
+    for i, (prob, kind) in enumerate(
+        [(0.0, "mono")] * 10 + [(1.0, "mono")] * 3 + [(1 / 3, "mono")] * 2 + [(0.0, "poly")] * 4
+    ):
         img(root / "images" / f"cell{i:04d}.png", size=(30, 30), seed=i)
         lines.append(f"images/cell{i:04d}.png  {prob}  {kind}")
     (root / "labels.csv").write_text("\n".join(lines) + "\n")
@@ -186,7 +194,9 @@ def _elpv(root: Path) -> Path:
 @pytest.mark.parametrize("uncertain, n_bad, n_normal", [("drop", 3, 10), ("defective", 5, 10), ("normal", 3, 12)])
 def test_elpv_labels_and_uncertain_policy(tmp_path, uncertain, n_bad, n_normal):
     root = _elpv(tmp_path / "elpv")
-    spec = ElpvParams(category="mono", data_dir=str(root), image_size=30, uncertain=uncertain, test_normal_fraction=0.25)
+    spec = ElpvParams(
+        category="mono", data_dir=str(root), image_size=30, uncertain=uncertain, test_normal_fraction=0.25
+    )
     out, info = run(spec, root, tmp_path)
     rows = read_manifest(out)
     assert sum(r.label for r in rows) == n_bad and all(r.split == "test" for r in rows if r.label)
@@ -204,11 +214,16 @@ def test_folder_with_and_without_own_test_split(tmp_path):
     img(src / "bad" / "loose.png", seed=60)
     mask(src / "masks" / "scratch" / "b0_gt.png")
     mask(src / "masks" / "scratch" / "b1_gt.png", value=200)  # non-binary: >= 128 counts
-    common = dict(normal_dir=str(src / "normal"), abnormal_dir=str(src / "bad"), mask_dir=str(src / "masks"),
-                  mask_suffix="_gt", image_size=32, val_fraction=0.1)
+    common = dict(
+        normal_dir=str(src / "normal"),
+        abnormal_dir=str(src / "bad"),
+        mask_dir=str(src / "masks"),
+        mask_suffix="_gt",
+        image_size=32,
+        val_fraction=0.1,
+    )
     out, info = run(FolderParams(**common, test_normal_dir=str(src / "test_normal")), src, tmp_path)
-    assert info["counts"] == {"train": {"good": 9}, "val": {"good": 1},
-                              "test": {"anomaly": 1, "good": 3, "scratch": 3}}
+    assert info["counts"] == {"train": {"good": 9}, "val": {"good": 1}, "test": {"anomaly": 1, "good": 3, "scratch": 3}}
     test = load_split(out, "test")
     assert test.has_mask.tolist().count(False) == 2  # b2 and loose.png have no mask: image-level only
     out2, info2 = run(FolderParams(**common, test_normal_fraction=0.3), src, tmp_path / "b")
@@ -217,9 +232,11 @@ def test_folder_with_and_without_own_test_split(tmp_path):
 
 # ---- hygiene ---------------------------------------------------------------------------------------
 
+
 def _folder_spec(src: Path, **kw) -> FolderParams:
-    return FolderParams(normal_dir=str(src / "normal"), abnormal_dir=str(src / "bad"), image_size=32,
-                        mask_dir=str(src / "masks"), **kw)
+    return FolderParams(
+        normal_dir=str(src / "normal"), abnormal_dir=str(src / "bad"), image_size=32, mask_dir=str(src / "masks"), **kw
+    )
 
 
 def _small_folder(src: Path, **kw) -> Path:
@@ -300,3 +317,155 @@ def test_empty_mask_of_a_defect_image_is_said(tmp_path):
     mask(src / "masks" / "b0.png", value=0)
     _, info = run(_folder_spec(src), src, tmp_path)
     assert any("b0.png" in n and "empty" in n for n in info["mask_notes"])
+
+
+# ---- folder: trees as they are ---------------------------------------------------------------------
+
+
+def _rows_by(out: Path) -> dict[str, list]:
+    rows = read_manifest(out)
+    return {split: [r for r in rows if r.split == split] for split in ("train", "val", "test")}
+
+
+def test_folder_root_reads_an_mvtec_tree_as_it_is(tmp_path):
+    raw = mvtec_tree(tmp_path / "src", cat="my_part", n_train=10, n_good=3, types=("dent", "scuff"), n_bad=2)
+    (raw / "my_part" / "ground_truth" / "scuff" / "001_mask.png").unlink()  # image-level, not an error
+    spec = FolderParams(root=str(raw / "my_part"), image_size=32, val_fraction=0.2)
+    out, info = run(spec, raw, tmp_path)
+    assert info["counts"] == {"train": {"good": 8}, "val": {"good": 2}, "test": {"dent": 2, "good": 3, "scuff": 2}}
+    by = _rows_by(out)
+    assert all(r.label == 0 for r in by["train"] + by["val"])
+    assert {(r.defect_type, r.label) for r in by["test"]} == {("good", 0), ("dent", 1), ("scuff", 1)}
+    masked = sorted(Path(r.path).name for r in by["test"] if r.mask_path)
+    assert masked == ["000.png", "000.png", "001.png"]  # dent 000/001 and scuff 000; scuff/001 has none
+    assert not any(r.mask_path for r in by["test"] if r.label == 0)
+    test = load_split(out, "test")
+    assert test.has_mask.tolist().count(False) == 1
+
+
+def test_folder_root_mask_suffix_and_missing_root(tmp_path):
+    raw = mvtec_tree(tmp_path / "src", cat="p", types=("dent",), mask_sfx="_gt")
+    _, info = run(FolderParams(root=str(raw / "p"), image_size=32, mask_suffix="_gt"), raw, tmp_path)
+    assert info["n_masks"] == 2
+    _, info = run(FolderParams(root=str(raw / "p"), image_size=32), raw, tmp_path / "default")
+    assert info["n_masks"] == 0  # default `_mask` (or bare stem) finds no `_gt` masks: image-level
+    with pytest.raises(FileNotFoundError, match=r"datasets\.<name>\.root: .*nowhere"):
+        run(FolderParams(root=str(tmp_path / "nowhere")), raw, tmp_path / "x")
+
+
+def test_folder_root_or_dirs_is_checked_naming_the_fields(tmp_path):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="normal_dir and abnormal_dir missing.*root"):
+        FolderParams()
+    with pytest.raises(ValidationError, match="abnormal_dir missing"):
+        FolderParams(normal_dir="a")
+    with pytest.raises(ValidationError, match="root and normal_dir, abnormal_dir are given"):
+        FolderParams(root="r", normal_dir="a", abnormal_dir="b")
+    with pytest.raises(ValidationError, match="root and mask_dir are given"):
+        FolderParams(root="r", mask_dir="m")
+    with pytest.raises(ValidationError, match="normal_dir"):
+        FolderParams(normal_dir=[], abnormal_dir="b")  # an empty list is no directory
+
+
+def test_folder_accepts_lists_of_dirs_without_stem_collisions(tmp_path):
+    src = tmp_path / "src"
+    for line in ("line1", "line2"):
+        off = 0 if line == "line1" else 100
+        for i in range(5):
+            img(src / line / "ok" / f"n{i}.png", seed=off + i)  # same stems in both lines
+        for i in range(2):
+            img(src / line / "ng" / "scratch" / f"b{i}.png", seed=off + 50 + i)
+            mask(src / line / "masks" / "scratch" / f"b{i}.png", box=(0, 0, 5 + 5 * i + off // 10, 5))
+        img(src / line / "test_ok" / "t0.png", seed=off + 70)
+    spec = FolderParams(
+        normal_dir=[str(src / "line1" / "ok"), str(src / "line2" / "ok")],
+        abnormal_dir=[str(src / "line1" / "ng"), str(src / "line2" / "ng")],
+        mask_dir=[str(src / "line1" / "masks"), str(src / "line2" / "masks")],
+        test_normal_dir=[str(src / "line1" / "test_ok"), str(src / "line2" / "test_ok")],
+        image_size=32,
+        val_fraction=0.2,
+    )
+    out, info = run(spec, src, tmp_path)
+    assert info["counts"] == {"train": {"good": 8}, "val": {"good": 2}, "test": {"good": 2, "scratch": 4}}
+    rows = read_manifest(out)
+    assert len({r.path for r in rows}) == len(rows) == 16  # equal stems got distinct output names
+    bad = [r for r in rows if r.label == 1]
+    assert len({r.mask_path for r in bad}) == 4 and all(r.mask_path for r in bad)
+    # each mask stayed with its own image (paired by position): the mask areas differ per line
+    test = load_split(out, "test")
+    areas = sorted(int(m.sum()) for m, lab in zip(test.masks, test.labels) if lab == 1)
+    assert len(set(areas)) == 4
+
+
+def test_folder_one_mask_dir_for_several_abnormal_dirs_and_ambiguity(tmp_path):
+    src = _small_folder(tmp_path / "src")
+    img(src / "bad2" / "c0.png", seed=30)
+    mask(src / "masks" / "b0.png")
+    mask(src / "masks" / "c0.png")
+    base = dict(normal_dir=str(src / "normal"), abnormal_dir=[str(src / "bad"), str(src / "bad2")], image_size=32)
+    out, info = run(FolderParams(**base, mask_dir=str(src / "masks")), src, tmp_path)
+    assert info["n_masks"] == 2 and info["counts"]["test"] == {"anomaly": 2, "good": 1}  # one mask dir serves both
+    mask(src / "masks2" / "b0.png")  # b0's mask now in two of three mask dirs: which one is meant?
+    three = [str(src / "masks"), str(src / "masks2"), str(src / "masks2")]
+    with pytest.raises(ValueError, match=r"b0\.png: masks in more than one mask_dir"):
+        run(FolderParams(**base, mask_dir=three), src, tmp_path / "amb")
+    missing = base | {"normal_dir": [str(src / "normal"), str(src / "missing")]}
+    with pytest.raises(FileNotFoundError, match=r"normal_dir\[1\]: .*missing"):
+        run(FolderParams(**missing), src, tmp_path / "m")
+
+
+def test_folder_good_subfolder_of_abnormal_dir_is_test_normals(tmp_path):
+    """normal_dir=train/good, abnormal_dir=test of an MVTec tree: test/good are normals, not a type 'good'."""
+    raw = mvtec_tree(tmp_path / "src", cat="c", n_train=8, n_good=3, types=("crack",), n_bad=2)
+    c = raw / "c"
+    spec = FolderParams(
+        normal_dir=str(c / "train" / "good"),
+        abnormal_dir=str(c / "test"),
+        mask_dir=str(c / "ground_truth"),
+        mask_suffix="_mask",
+        image_size=32,
+        val_fraction=0.25,
+    )
+    out, info = run(spec, raw, tmp_path)
+    # the tree brings its own test normals, so all 8 train normals train (none held out for test)
+    assert info["counts"] == {"train": {"good": 6}, "val": {"good": 2}, "test": {"crack": 2, "good": 3}}
+    test = [r for r in read_manifest(out) if r.split == "test"]
+    assert sorted((r.defect_type, r.label, bool(r.mask_path)) for r in test) == [
+        ("crack", 1, True),
+        ("crack", 1, True),
+        ("good", 0, False),
+        ("good", 0, False),
+        ("good", 0, False),
+    ]
+
+
+def test_mvtec_ad_own_category_with_data_dir_only(tmp_path):
+    from pydantic import ValidationError
+
+    raw = mvtec_tree(tmp_path / "src", cat="gear_wheel", types=("chipped",))
+    spec = MvtecAdParams(category="gear_wheel", data_dir=str(raw), image_size=32)  # check_counts left on
+    out, info = run(spec, raw, tmp_path)
+    assert info["published_check"] is None  # no published counts for a user's category: nothing to compare
+    assert info["counts"]["test"] == {"chipped": 2, "good": 2} and info["n_masks"] == 2
+    with pytest.raises(ValidationError, match="category\n.*'gear_wheel' is not an MVTec AD category.*bottle.*data_dir"):
+        MvtecAdParams(category="gear_wheel")  # a download needs an official name
+    with pytest.raises(ValidationError, match="category"):
+        MvtecAdParams(category="../etc", data_dir=str(raw))  # a name, not a path
+    assert MvtecAdParams(category="bottle").category == "bottle"
+
+
+def test_fingerprint_covers_root_and_every_listed_dir(tmp_path):
+    from vadbench.data.fingerprint import fingerprint, source_dirs
+
+    raw = mvtec_tree(tmp_path / "src", cat="p")
+    fp = fingerprint(FolderParams(root=str(raw / "p")))
+    assert list(fp) == ["root"] and len(fp["root"]["files"]) == 6 + 2 + 2 + 2
+    spec = FolderParams(
+        normal_dir=[str(raw / "p" / "train"), str(raw / "p" / "test" / "good")],
+        abnormal_dir=str(raw / "p" / "test"),
+        mask_dir=[str(raw / "p" / "ground_truth")],
+    )
+    assert [k for k, _ in source_dirs(spec)] == ["normal_dir[0]", "normal_dir[1]", "abnormal_dir", "mask_dir[0]"]
+    fp = fingerprint(spec)
+    assert len(fp["normal_dir[0]"]["files"]) == 6 and len(fp["normal_dir[1]"]["files"]) == 2

@@ -19,18 +19,23 @@ from typing import Any
 
 from vadbench.io import sha256_file, write_json
 
-#: dataset param fields naming source directories read at prepare time
-SOURCE_FIELDS = ("data_dir", "normal_dir", "abnormal_dir", "mask_dir", "test_normal_dir", "root")
+#: dataset param fields naming source directories read at prepare time (a string or a list of them)
+SOURCE_FIELDS = ("data_dir", "root", "normal_dir", "abnormal_dir", "mask_dir", "test_normal_dir")
 
 
 def source_dirs(spec: Any) -> list[tuple[str, Path]]:
-    """(field, directory) pairs of a dataset spec that point at local source trees."""
+    """(key, directory) pairs of a dataset spec that point at local source trees.
+
+    The key is the field name, or ``field[i]`` for the i-th entry of a list, so that every directory of
+    a list gets its own entry in the fingerprint.
+    """
     out = []
     for field in SOURCE_FIELDS:
         value = getattr(spec, field, None)
-        for item in value if isinstance(value, (list, tuple)) else [value]:
-            if item:
-                out.append((field, Path(item)))
+        if isinstance(value, (list, tuple)):
+            out += [(f"{field}[{i}]", Path(item)) for i, item in enumerate(value) if item]
+        elif value:
+            out.append((field, Path(value)))
     return out
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from vadbench.schema import StrictModel
 
@@ -51,10 +51,37 @@ class SyntheticSemParams(InputPolicy):
 
 
 # ---- real datasets (issue 5) ----------------------------------------------------------------------
-MVTEC_AD_CATEGORIES = ("bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut",
-                       "pill", "screw", "tile", "toothbrush", "transistor", "wood", "zipper")
-VISA_CATEGORIES = ("candle", "capsules", "cashew", "chewinggum", "fryum", "macaroni1", "macaroni2",
-                   "pcb1", "pcb2", "pcb3", "pcb4", "pipe_fryum")
+MVTEC_AD_CATEGORIES = (
+    "bottle",
+    "cable",
+    "capsule",
+    "carpet",
+    "grid",
+    "hazelnut",
+    "leather",
+    "metal_nut",
+    "pill",
+    "screw",
+    "tile",
+    "toothbrush",
+    "transistor",
+    "wood",
+    "zipper",
+)
+VISA_CATEGORIES = (
+    "candle",
+    "capsules",
+    "cashew",
+    "chewinggum",
+    "fryum",
+    "macaroni1",
+    "macaroni2",
+    "pcb1",
+    "pcb2",
+    "pcb3",
+    "pcb4",
+    "pipe_fryum",
+)
 MVTEC_LOCO_CATEGORIES = ("breakfast_box", "juice_bottle", "pushpins", "screw_bag", "splicing_connectors")
 MPDD_CATEGORIES = ("bracket_black", "bracket_brown", "bracket_white", "connector", "metal_plate", "tubes")
 BTAD_CATEGORIES = ("01", "02", "03")
@@ -77,10 +104,23 @@ class RealDatasetParams(InputPolicy):
 
 
 class MvtecAdParams(RealDatasetParams):
-    """MVTec AD (15 categories, pixel masks): downloaded and sha256-checked."""
+    """MVTec AD (15 categories, pixel masks): downloaded and sha256-checked; or your own category via data_dir."""
 
     kind: Literal["mvtec_ad"] = "mvtec_ad"
-    category: Literal[MVTEC_AD_CATEGORIES]  # type: ignore[valid-type]
+    category: str = Field(
+        pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$",
+        description="one of the 15 published categories; with data_dir any MVTec-format category folder",
+    )
+
+    @field_validator("category")
+    @classmethod
+    def _official_unless_local(cls, category: str, info: ValidationInfo) -> str:
+        if category not in MVTEC_AD_CATEGORIES and not info.data.get("data_dir"):
+            raise ValueError(
+                f"{category!r} is not an MVTec AD category ({', '.join(MVTEC_AD_CATEGORIES)}); "
+                "for your own MVTec-format category set data_dir to the folder that holds it"
+            )
+        return category
 
 
 class VisaParams(RealDatasetParams):
@@ -128,21 +168,58 @@ class ElpvParams(RealDatasetParams):
     test_normal_fraction: float = Field(0.2, gt=0, lt=1, description="normals held out for test (seeded)")
 
 
+DirList = str | Annotated[list[str], Field(min_length=1)]
+"""One directory or several (their images are pooled)."""
+
+
 class FolderParams(RealDatasetParams):
-    """Any user tree: normal images, abnormal images (sub-dirs = defect types), optional masks."""
+    """Any user tree: an MVTec-style `root`, or normal/abnormal dirs (sub-dirs = defect types), optional masks."""
 
     kind: Literal["folder"] = "folder"
     category: str = Field("folder", pattern=r"^[A-Za-z0-9_]+$")
-    normal_dir: str
-    abnormal_dir: str
-    mask_dir: str | None = Field(None, description="masks mirror abnormal_dir; name = image stem + mask_suffix")
-    mask_suffix: str = ""
-    test_normal_dir: str | None = Field(None, description="the tree's own test normals; else carved from normal_dir")
+    root: str | None = Field(
+        None, description="an MVTec-style tree used as it is: train/good, test/good, test/<type>, ground_truth/<type>"
+    )
+    normal_dir: DirList | None = Field(None, description="normal images (recursive); one dir or a list")
+    abnormal_dir: DirList | None = Field(
+        None, description="sub-dirs = defect types; a good/ sub-dir holds test normals; one dir or a list"
+    )
+    mask_dir: DirList | None = Field(None, description="masks mirror abnormal_dir; name = image stem + mask_suffix")
+    mask_suffix: str | None = Field(None, description="default: none; with root '_mask', falling back to the bare stem")
+    test_normal_dir: DirList | None = Field(
+        None, description="the tree's own test normals; else carved from normal_dir"
+    )
     test_normal_fraction: float = Field(0.2, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _one_layout(self) -> FolderParams:
+        dir_fields = ("normal_dir", "abnormal_dir", "mask_dir", "test_normal_dir")
+        if self.root:
+            given = [f for f in dir_fields if getattr(self, f)]
+            if given:
+                raise ValueError(
+                    f"root and {', '.join(given)} are given; use either root (an MVTec-style tree) "
+                    "or normal_dir + abnormal_dir, not both"
+                )
+            return self
+        missing = [f for f in ("normal_dir", "abnormal_dir") if not getattr(self, f)]
+        if missing:
+            raise ValueError(
+                f"{' and '.join(missing)} missing: give either root (an MVTec-style tree: train/good, "
+                "test/<type>, ground_truth/<type>) or both normal_dir and abnormal_dir"
+            )
+        return self
 
 
 DatasetSpec = Annotated[
-    SyntheticSemParams | MvtecAdParams | VisaParams | MvtecLocoParams | MpddParams | BtadParams | MiicParams
-    | ElpvParams | FolderParams,
+    SyntheticSemParams
+    | MvtecAdParams
+    | VisaParams
+    | MvtecLocoParams
+    | MpddParams
+    | BtadParams
+    | MiicParams
+    | ElpvParams
+    | FolderParams,
     Field(discriminator="kind"),
 ]

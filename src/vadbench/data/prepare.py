@@ -172,7 +172,7 @@ def prepare_real(
             val_fraction=spec.val_fraction,
             test_fraction=getattr(spec, "test_normal_fraction", 0.2),
         )
-        where = root or Path(getattr(spec, "normal_dir", "."))
+        where = root or _where(spec)
         _check_not_empty(name, [s.split for s in planned], where)
         grey = spec.channels == "grey" or (spec.channels == "auto" and modes <= hygiene.GREY_MODES)
         with atomic_dir(out_dir) as tmp:
@@ -198,6 +198,12 @@ def prepare_real(
             )
             write_json(tmp / INFO, info)
     return info
+
+
+def _where(spec: Any) -> Path:
+    """The tree an empty-split error names for a dataset read in place (`folder`: root or normal_dir)."""
+    value = getattr(spec, "root", None) or getattr(spec, "normal_dir", None) or "."
+    return Path(value if isinstance(value, str) else value[0])
 
 
 def _bad(spec: Any, skipped: list[dict[str, str]], s: Source, err: Exception) -> None:
