@@ -104,7 +104,7 @@ def pixel_counts(
         pos_vals.append(a[sl][has][defect])
         pos_w.append(1.0 / sizes[region])
         n_regions += n
-        _release(a, m, sl)
+        _release(maps, masks, sl)  # the caller's memmaps (np.asarray views lose their mapping)
     n_pos = int(sum(v.size for v in pos_vals))
     n_neg = a.size - n_pos
     if n_pos == 0:
@@ -126,7 +126,7 @@ def pixel_counts(
     below_eq = np.zeros(u.size, np.int64)
     for sl in tqdm(chunks, desc="pixel metrics: normals", disable=not progress):
         neg = a[sl][m[sl] == 0]  # a copy; sorting it leaves the caller's maps untouched
-        _release(a, m, sl)
+        _release(maps, masks, sl)  # the caller's memmaps (np.asarray views lose their mapping)
         if neg.size == 0:
             continue
         neg.sort()
