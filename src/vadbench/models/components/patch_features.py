@@ -1,8 +1,9 @@
 """Turning backbone feature maps into per-position embeddings, and nearest-neighbour search on them.
 
-Shared by the memory-bank / Gaussian methods (PatchCore, PaDiM): pick named layers, optionally
-3×3-average them (PatchCore's "locally aware" patches), bring every layer to the first layer's
-resolution, concatenate channels, and search a bank of such vectors in bounded-memory chunks.
+Shared by the memory-bank / Gaussian methods (PatchCore, PaDiM): given the maps a model picked by
+name from its extractor (``pick(backbone(x), layers)``), optionally 3×3-average them (PatchCore's
+"locally aware" patches), bring every layer to the first layer's resolution, concatenate channels,
+and search a bank of such vectors in bounded-memory chunks.
 """
 
 from __future__ import annotations
@@ -19,22 +20,6 @@ def module_device(module: nn.Module) -> torch.device:
     for tensor in (*module.parameters(), *module.buffers()):
         return tensor.device
     return torch.device("cpu")
-
-
-def select_layers(backbone: nn.Module, images: torch.Tensor, layers: Sequence[str]) -> list[torch.Tensor]:
-    """Run a `FeatureExtractor` and return the maps of `layers`, in that order.
-
-    The extractor returns every layer it was built with (`backbone.layers`); a model asks for its own.
-    """
-    built = list(getattr(backbone, "layers", []))
-    missing = [name for name in layers if name not in built]
-    if missing:
-        raise ValueError(
-            f"backbone extractor was built with layers {built}, model needs {list(layers)} (missing {missing}): "
-            "build it with load_feature_extractor(dir, layers=<model params>.layers)"
-        )
-    maps = dict(zip(built, backbone(images), strict=True))
-    return [maps[name] for name in layers]
 
 
 def concat_layers(maps: Sequence[torch.Tensor], mode: str = "bilinear") -> torch.Tensor:
@@ -86,16 +71,48 @@ def to_rows(emb: torch.Tensor) -> torch.Tensor:
 
 
 def nearest_neighbors(
-    queries: torch.Tensor, bank: torch.Tensor, k: int = 1, max_elements: int = 1 << 24
+    queries: torch.Tensor,
+    bank: torch.Tensor,
+    k: int = 1,
+    max_elements: int = 1 << 24,
+    bank_chunk: int = 1 << 16,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Euclidean k-NN of each query row in `bank`: (distances (M, k) ascending, indices (M, k)).
 
     queries (M, D), bank (K, D) on one device. Queries go in chunks so the distance block never
-    exceeds `max_elements` floats (64 MB by default) however large M and K are.
+    exceeds `max_elements` floats (64 MB by default) however large M and K are. A bank stored in
+    another dtype than the queries (a float16 bank, float32 queries) is read `bank_chunk` rows at a
+    time, each converted to the queries' dtype, with a running top-k: no full-precision copy of the
+    bank is ever made. Ties keep the lowest bank index.
     """
     if bank.shape[0] == 0:
         raise ValueError("empty memory bank: fit the model first")
     k = min(k, bank.shape[0])
+    if bank.dtype == queries.dtype:
+        return _knn_block(queries, bank, k, max_elements)
+    best_d = best_i = None
+    for start in range(0, bank.shape[0], bank_chunk):
+        part = bank[start : start + bank_chunk].to(queries.dtype)
+        d, i = _knn_block(queries, part, min(k, part.shape[0]), max_elements)
+        i = i + start
+        if best_d is None:
+            best_d, best_i = d, i
+            continue
+        # earlier chunks first: on equal distances the lower bank index wins, as in a single pass
+        cat_d, cat_i = torch.cat([best_d, d], dim=1), torch.cat([best_i, i], dim=1)
+        if k == 1:
+            take = (d < best_d).long()  # strict: a tie keeps the earlier (lower) index
+            best_d, best_i = cat_d.gather(1, take), cat_i.gather(1, take)
+        else:
+            order = torch.argsort(cat_d, dim=1, stable=True)[:, :k]
+            best_d, best_i = cat_d.gather(1, order), cat_i.gather(1, order)
+    assert best_d is not None and best_i is not None
+    return best_d, best_i
+
+
+def _knn_block(
+    queries: torch.Tensor, bank: torch.Tensor, k: int, max_elements: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     chunk = max(1, max_elements // bank.shape[0])
     dists, idxs = [], []
     for start in range(0, queries.shape[0], chunk):
