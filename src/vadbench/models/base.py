@@ -22,6 +22,7 @@ frozen backbone lives in ``data/backbones``) and load with ``torch.load(weights_
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -31,7 +32,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from vadbench.io import atomic_path, load_tensors
+from vadbench.io import atomic_file, load_tensors
 from vadbench.schema import StrictModel
 
 _REGISTRY: dict[str, type[AnomalyModel]] = {}
@@ -80,8 +81,12 @@ class AnomalyModel(nn.Module):
 
     def save(self, path: Path) -> None:
         payload = {"name": self.name, "hparams": self.hparams, "state": self.learned_state()}
-        with atomic_path(Path(path)) as tmp:
-            torch.save(payload, tmp)
+        # through a buffer: torch.save names the zip's inner folder after the file it writes, and a temp
+        # file's random name would make every save's bytes (and dvc.lock) differ
+        buf = io.BytesIO()
+        torch.save(payload, buf)
+        with atomic_file(Path(path), "wb") as fh:
+            fh.write(buf.getvalue())
 
     def load_learned_state(self, state: dict[str, torch.Tensor]) -> None:
         """Set every saved tensor, replacing buffers whose size was only known after `fit`."""
