@@ -22,6 +22,8 @@ bank — k-center per chunk, not over all rows (docs/PATCHCORE_BUDGET.md measure
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -317,6 +319,28 @@ def plan_bank(
     )
 
 
+def _libc_malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        return None
+
+
+_MALLOC_TRIM = _libc_malloc_trim()
+
+
+def release_free_heap() -> None:
+    """Give freed heap pages back to the OS (glibc ``malloc_trim``; a no-op elsewhere).
+
+    A chunk's selection and a union reduction allocate buffers of different sizes in turn; once glibc
+    has raised its mmap threshold, those of up to 32 MB come from the heap, whose holes keep RSS above
+    the live bytes (measured: 63 MiB peak for 51 MiB planned with 15 reductions; 49 MiB with a trim
+    after each selection). Called once per chunk and per reduction: milliseconds.
+    """
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+
+
 class ChunkedCoreset:
     """Streaming subsample under a `BankPlan` (``chunked``): rows in, a bank of ≈ ratio·rows out.
 
@@ -326,7 +350,8 @@ class ChunkedCoreset:
     would overflow is first subsampled to half its capacity (a coreset of the union). `finish` handles
     the last, partial chunk and returns the bank (rows of the union, in pick order). Every chunk and
     reduction draws its projection and starts from the one `generator`, in order: deterministic.
-    All large buffers are allocated once (no per-chunk growth: see the module doc on fragmentation).
+    All large buffers are allocated once (no per-chunk growth: see the module doc on fragmentation), and
+    freed heap pages go back to the OS after every selection (`release_free_heap`).
     """
 
     def __init__(
@@ -376,6 +401,8 @@ class ChunkedCoreset:
         chunk = self.buffer[: self.fill]
         keep = subsample_to(chunk, self.method, k, self.generator, **self.kw)
         self.union[self.count : self.count + k].copy_(chunk[keep])
+        del keep
+        release_free_heap()
         self.count += k
         self.fill = 0
         self.chunks += 1
@@ -388,7 +415,8 @@ class ChunkedCoreset:
         keep = subsample_to(current, self.method, target, self.generator, **self.kw)
         kept = current[keep]
         self.union[:target].copy_(kept)
-        del kept
+        del kept, keep
+        release_free_heap()
         self.count = target
         self.reductions += 1
 
