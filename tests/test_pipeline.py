@@ -135,18 +135,11 @@ def test_fractal_param_reruns_only_fractal_chain(project):
     assert "prepare@synthetic_sem" not in ran
 
 
-def test_forced_rerun_gives_identical_metrics_and_lock(project):
-    """Every cached output is deterministic (measurements live in metrics/measured/): so is dvc.lock."""
-    names = ("summary.json", "leaderboard.csv", "leaderboard.md")
-    before = {n: (project / "metrics" / n).read_bytes() for n in names}
-    lock = (project / "dvc.lock").read_text()
+def test_forced_rerun_gives_identical_metrics(project):
+    before = {n: (project / "metrics" / n).read_bytes() for n in ("summary.json", "leaderboard.csv")}
     _run(["dvc", "repro", "-f"], project)
-    after = {n: (project / "metrics" / n).read_bytes() for n in names}
+    after = {n: (project / "metrics" / n).read_bytes() for n in ("summary.json", "leaderboard.csv")}
     assert before == after
-    assert (project / "dvc.lock").read_text() == lock
-    costs = json.loads((project / "metrics" / "measured" / "costs.json").read_text())
-    assert costs["synthetic_sem"]["padim"]["random"]["fit_seconds"] > 0
-    assert "costs.json" in _run(["dvc", "metrics", "show"], project)
 
 
 def test_invalid_params_stop_a_plain_repro(project):
@@ -159,40 +152,6 @@ def test_invalid_params_stop_a_plain_repro(project):
         assert res.returncode != 0 and "seeds" in res.stdout + res.stderr
     finally:
         (project / "params.yaml").write_text(text)
-
-
-def test_sigkill_mid_fit_then_rerun_gives_identical_outputs(project):
-    """A fit killed with SIGKILL leaves no trace that matters: the rerun's outputs are byte-identical."""
-    import signal
-    import time
-
-    cell = "synthetic_sem-sparse_ae-none"
-    fit_dir = project / "data" / "fits" / cell
-
-    def snapshot() -> dict[str, bytes]:
-        return {p.relative_to(fit_dir).as_posix(): p.read_bytes() for p in sorted(fit_dir.rglob("*")) if p.is_file()}
-
-    before = snapshot()
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen(
-        ["dvc", "repro", "-f", "-s", "fit_pixels@synthetic_sem-sparse_ae"],
-        cwd=project,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    deadline = time.time() + 120
-    while time.time() < deadline and not list(fit_dir.parent.glob(f".{cell}.tmp-*")):
-        time.sleep(0.05)  # the fit is writing into its temp dir: kill it there
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert list(fit_dir.parent.glob(f".{cell}.tmp-*")), "the fit never started writing"
-    ran = _ran(_run(["dvc", "repro"], project))
-    assert "fit_pixels@synthetic_sem-sparse_ae" in ran
-    assert snapshot() == before
-    assert not list(fit_dir.parent.glob(f".{cell}.*"))  # leftovers cleaned up
-    assert _ran(_run(["dvc", "repro"], project)) == {"check"}
 
 
 def test_folder_edit_reruns_exactly_its_prepare_chain(project):
