@@ -16,6 +16,7 @@ def run(params: Params) -> None:
         metrics_dir=layout.METRICS,
         reports_dir=layout.REPORTS,
         measured_dir=layout.MEASURED,
+        report_page=layout.REPORT_PAGE,
     )
 
 

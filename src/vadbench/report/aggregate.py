@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from vadbench.report.html import write_report_page
 from vadbench.report.leaderboard import Cell, collect, write_leaderboard
 from vadbench.report.plots import plot_auroc_bars, plot_curves
 
@@ -13,10 +14,17 @@ __all__ = ["Cell", "aggregate"]
 
 
 def aggregate(
-    cells: list[Cell], *, scores_dir: Path, metrics_dir: Path, reports_dir: Path, measured_dir: Path
+    cells: list[Cell],
+    *,
+    scores_dir: Path,
+    metrics_dir: Path,
+    reports_dir: Path,
+    measured_dir: Path,
+    report_page: Path | None = None,
 ) -> pd.DataFrame:
     """Write metrics/{leaderboard.csv,leaderboard.md,summary.json} (deterministic),
-    <measured_dir>/{costs.json,costs.md} (measurements) and reports/*.png."""
+    <measured_dir>/{costs.json,costs.md} (measurements), reports/*.png and, when given, the shareable
+    HTML page `report_page` (it shows the measurements too)."""
     quality, costs = collect(cells, scores_dir, measured_dir)
     write_leaderboard(quality, costs, metrics_dir, measured_dir)
     plot_auroc_bars(quality, Path(reports_dir) / "leaderboard.png")
@@ -28,4 +36,7 @@ def aggregate(
         for c in cells
     }
     plot_curves(curves, {c.name: c.dataset for c in cells}, Path(reports_dir) / "curves.png")
+    if report_page is not None:
+        notes = sorted({n for n in quality["notes"] if n})
+        write_report_page(quality, costs, cells, Path(reports_dir), Path(report_page), notes=notes)
     return quality

@@ -157,24 +157,33 @@ def write_leaderboard(quality: pd.DataFrame, costs: pd.DataFrame, metrics_dir: P
     write_text(measured_dir / "costs.md", render_costs(costs))
 
 
-def render_markdown(quality: pd.DataFrame) -> str:
-    parts = ["# vadbench leaderboard\n\n"]
-    parts.append(
-        "Quality metrics are deterministic for fixed params, seed and torch thread count on one machine kind. "
-        "Costs (time, memory, latency) are measurements and vary between runs: `metrics/measured/costs.md`. "
-        "Pixel AUPRO is integrated to FPR "
-        "0.3 and normalised (MVTec AD definition). Thresholded F1 uses a threshold from validation normals only.\n"
-    )
+PROTOCOL_NOTE = (
+    "Quality metrics are deterministic for fixed params, seed and torch thread count on one machine kind. "
+    "Costs (time, memory, latency) are measurements and vary between runs: `metrics/measured/costs.md`. "
+    "Pixel AUPRO is integrated to FPR "
+    "0.3 and normalised (MVTec AD definition). Thresholded F1 uses a threshold from validation normals only."
+)
+
+
+@dataclass(frozen=True)
+class DatasetViews:
+    """The tables of one dataset, shared by the markdown leaderboard and the HTML report."""
+
+    ranked: pd.DataFrame  # one row per cell, best image AUROC first, "mean ± std" strings where several seeds
+    pivot: pd.DataFrame  # model × backbone: "image AUROC / pixel AUROC", "—" where the grid has no such cell
+    deltas: pd.DataFrame  # Δ fractal − random / imagenet per model and metric
+
+
+def dataset_views(quality: pd.DataFrame) -> dict[str, DatasetViews]:
+    """{dataset: its tables}, datasets in sorted order."""
+    views = {}
     for dataset, q in quality.groupby("dataset", sort=True):
-        parts.append(f"\n## {dataset}\n")
         ranked = q.sort_values(["image_auroc", "model", "backbone"], ascending=[False, True, True], kind="stable")
         shown = ranked[["model", "backbone", "init", *QUALITY, "n_seeds", "notes"]].astype(object)
         for k in QUALITY:  # mean ± std over seeds where there are several
             shown[k] = [
                 _fmt(v) if _missing(sd) else f"{_fmt(v)} ± {_fmt(sd)}" for v, sd in zip(ranked[k], ranked[f"{k}_std"])
             ]
-        parts.append(markdown_table(shown))
-        parts.append("\n### Image AUROC / pixel AUROC (model × backbone)\n")
         pivot = q.pivot(index="model", columns="backbone", values="image_auroc")
         pix = q.pivot(index="model", columns="backbone", values="pixel_auroc")
         # backbone "none" (pixel models) last; "—" where the grid has no such cell, "n/a" for a missing metric
@@ -185,10 +194,24 @@ def render_markdown(quality: pd.DataFrame) -> str:
             for bb in table.columns:
                 has = (model, bb) in cells
                 table.loc[model, bb] = f"{_fmt(pivot.loc[model, bb])} / {_fmt(pix.loc[model, bb])}" if has else "—"
-        parts.append(markdown_table(table.reset_index()))
         deltas = delta_table(q)
+        views[dataset] = DatasetViews(
+            ranked=shown.reset_index(drop=True),
+            pivot=table.reset_index(),
+            deltas=deltas.drop(columns=["dataset"]) if not deltas.empty else deltas,
+        )
+    return views
+
+
+def render_markdown(quality: pd.DataFrame) -> str:
+    parts = ["# vadbench leaderboard\n\n", PROTOCOL_NOTE, "\n"]
+    for dataset, views in dataset_views(quality).items():
+        parts.append(f"\n## {dataset}\n")
+        parts.append(markdown_table(views.ranked))
+        parts.append("\n### Image AUROC / pixel AUROC (model × backbone)\n")
+        parts.append(markdown_table(views.pivot))
         parts.append("\n### Δ fractal vs other weight sources (positive = fractal better)\n")
-        parts.append(markdown_table(deltas.drop(columns=["dataset"]) if not deltas.empty else deltas, digits=3))
+        parts.append(markdown_table(views.deltas, digits=3))
     return "".join(parts)
 
 
