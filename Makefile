@@ -12,7 +12,7 @@ export OMP_NUM_THREADS ?= $(shell nproc 2>/dev/null || echo 2)
 # Spinning OpenMP waits made 2-thread training 5-10x slower whenever anything else ran (measured).
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: repro test test-fast lint verify validate install bench profile-paper clean-data help
+.PHONY: repro test test-fast lint verify validate install bench profile-paper profile-full clean-data help
 
 help:
 	@echo "make repro          install (if needed), validate params.yaml, dvc repro"
@@ -22,6 +22,7 @@ help:
 	@echo "make verify         small grid twice from clean: byte-identical outputs and dvc.lock (docs/CI.md)"
 	@echo "make bench          run benchmarks/ (writes benchmarks/results/*.md)"
 	@echo "make profile-paper  switch params.yaml to the paper-scale profile (profiles/paper.yaml)"
+	@echo "make profile-full   switch params.yaml to every registered model at CPU budgets (profiles/full.yaml)"
 	@echo "make plots-deps     chromium + pinned vega builds: offline dvc plots show page and its test"
 
 $(BIN)/python:
@@ -61,6 +62,10 @@ bench: $(STAMP)
 
 profile-paper: $(STAMP)
 	$(BIN)/vadbench profile paper
+
+# every registered model at the default's CPU budgets (profiles/make_full.py)
+profile-full: $(STAMP)
+	$(BIN)/vadbench profile full
 
 clean-data:
 	rm -rf data/fractals data/pretrain data/backbones data/prepared data/fits data/scores

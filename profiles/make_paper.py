@@ -88,6 +88,13 @@ def paper(p: dict) -> dict:
     )
     m["sparse_ae"].update(epochs=200, batch_size=32)
     m["deep_ae"].update(epochs=200, batch_size=32)
+    m["simplenet"].update(embed_dim=1536, epochs=160, batch_size=8)
+    m["supersimplenet"].update(upscale=2.0, hidden_dim=1024, cls_channels=128, epochs=300, batch_size=32)
+    m["cfa"].update(epochs=30, patience=0)  # the rest of models.cfa is the paper's already (K = J = 3, γ = 1, AdamW)
+    for name in ("efficientad_s", "efficientad_m"):  # the paper: 70k steps at batch 1, Adam, lr × 0.1 at 95 %
+        m[name].update(image_size=256, steps=70_000, batch_size=1, lr=1e-4, weight_decay=1e-5, lr_drop_at=0.95)
+    # teacher distillation as the paper (60k steps, batch 16, 256 px PDN / 512 px backbone); fractals replace ImageNet
+    p["distill"].update(image_size=256, steps=60_000, batch_size=16, norm_images=10_000, penalty_images=10_000)
     p["score"].update(batch_size=32, latency_repeats=50, latency_warmup=5)
     p["aggregate"].update(gallery_size=6)
     return p

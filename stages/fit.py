@@ -10,7 +10,8 @@ def run(params: Params, dataset: str, model: str, backbone: str) -> None:
     require_in_grid(params, dataset, model, backbone)
     spec = params.datasets[dataset]
     backbone_dir = None if backbone == NO_BACKBONE else layout.BACKBONES / backbone
-    inputs = CellInputs(layout.PREPARED / dataset, backbone_dir, spec.image_size, spec.center_crop)
+    teacher = layout.teacher_dir(model, backbone) if model in layout.TEACHER_MODELS else None
+    inputs = CellInputs(layout.PREPARED / dataset, backbone_dir, spec.image_size, spec.center_crop, teacher)
     name = cell_name(dataset, model, backbone)
     out = layout.FITS / name
     measured = layout.measured_fit(layout.MEASURED, name)

@@ -176,3 +176,21 @@ def test_every_error_is_reported_at_once_and_names_are_shell_safe():
     msg = str(info.value)
     assert "seeds: Extra inputs" in msg and "unknown model 'nosuchmodel'" in msg
     assert "must match ^[A-Za-z0-9_]+$" in msg
+
+
+def test_full_profile_is_valid_current_and_runs_every_model():
+    """profiles/full.yaml validates, equals what make_full.py makes, and its grid holds every registered model."""
+    import importlib.util
+
+    from vadbench.models import model_names
+
+    profile = ROOT / "profiles" / "full.yaml"
+    params = load_params(profile)
+    assert sorted(params.run.models + params.run.pixel_models) == model_names()
+    spec = importlib.util.spec_from_file_location("make_full", ROOT / "profiles" / "make_full.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    regenerated = module.HEADER + yaml.safe_dump(
+        module.full(yaml.safe_load((ROOT / "params.yaml").read_text())), sort_keys=False, width=110
+    )
+    assert profile.read_text() == regenerated, "profiles/full.yaml is stale: run python profiles/make_full.py"

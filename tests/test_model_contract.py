@@ -29,6 +29,11 @@ QUICK = {
     "sparse_ae": {"epochs": 1, "batch_size": 4},
     "deep_ae": {"epochs": 1, "batch_size": 4},
     "gaussian_ad": {},
+    "simplenet": {"epochs": 1, "batch_size": 4, "embed_dim": 32, "hidden_dim": 16},
+    "supersimplenet": {"epochs": 1, "batch_size": 4, "hidden_dim": 16, "cls_channels": 8},
+    "cfa": {"epochs": 1, "batch_size": 4},
+    "efficientad_s": {"teacher": "random", "image_size": 64, "steps": 2, "batch_size": 4},
+    "efficientad_m": {"teacher": "random", "image_size": 64, "steps": 2, "batch_size": 4},
 }
 
 

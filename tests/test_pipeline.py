@@ -135,11 +135,26 @@ def test_fractal_param_reruns_only_fractal_chain(project):
     assert "prepare@synthetic_sem" not in ran
 
 
-def test_forced_rerun_gives_identical_metrics(project):
-    before = {n: (project / "metrics" / n).read_bytes() for n in ("summary.json", "leaderboard.csv")}
+def _lock_diff(a: str, b: str) -> str:
+    import difflib
+
+    return "".join(difflib.unified_diff(a.splitlines(True), b.splitlines(True), "before", "after", n=2))[:6000]
+
+
+def test_forced_rerun_gives_identical_metrics_and_lock(project):
+    """Every cached output is deterministic (measurements live in metrics/measured/): so is dvc.lock."""
+    names = ("summary.json", "leaderboard.csv", "leaderboard.md")
+    before = {n: (project / "metrics" / n).read_bytes() for n in names}
+    lock = (project / "dvc.lock").read_text()
     _run(["dvc", "repro", "-f"], project)
-    after = {n: (project / "metrics" / n).read_bytes() for n in ("summary.json", "leaderboard.csv")}
+    after = {n: (project / "metrics" / n).read_bytes() for n in names}
     assert before == after
+    new_lock = (project / "dvc.lock").read_text()
+    assert new_lock == lock, _lock_diff(lock, new_lock)
+    costs = json.loads((project / "metrics" / "measured" / "costs.json").read_text())
+    assert costs["synthetic_sem"]["padim"]["random"]["fit_seconds"] > 0
+    assert "costs.json" in _run(["dvc", "metrics", "show"], project)
+    assert "Costs" in (project / "reports" / "index.html").read_text()
 
 
 def test_invalid_params_stop_a_plain_repro(project):
@@ -152,6 +167,45 @@ def test_invalid_params_stop_a_plain_repro(project):
         assert res.returncode != 0 and "seeds" in res.stdout + res.stderr
     finally:
         (project / "params.yaml").write_text(text)
+
+
+def test_sigkill_mid_fit_then_rerun_gives_identical_outputs(project):
+    """A fit killed with SIGKILL leaves no trace that matters: the rerun's outputs are byte-identical."""
+    import signal
+    import time
+
+    cell = "synthetic_sem-sparse_ae-none"
+    fit_dir = project / "data" / "fits" / cell
+
+    def snapshot() -> dict[str, bytes]:
+        return {p.relative_to(fit_dir).as_posix(): p.read_bytes() for p in sorted(fit_dir.rglob("*")) if p.is_file()}
+
+    before = snapshot()
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "HF_HUB_OFFLINE": "1"}
+    log = project.parent / "sigkill-repro.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            ["dvc", "repro", "-f", "-s", "fit_pixels@synthetic_sem-sparse_ae"],
+            cwd=project,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None and not list(fit_dir.parent.glob(f".{cell}.tmp-*")):
+            time.sleep(0.05)  # the fit is writing into its temp dir: kill it there
+        started = bool(list(fit_dir.parent.glob(f".{cell}.tmp-*")))
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert started, f"the fit never started writing:\n{log.read_text()[-3000:]}"
+    ran = _ran(_run(["dvc", "repro"], project))
+    assert "fit_pixels@synthetic_sem-sparse_ae" in ran
+    after = snapshot()
+    assert sorted(after) == sorted(before)
+    assert after == before, [k for k in before if before[k] != after.get(k)]
+    assert not list(fit_dir.parent.glob(f".{cell}.*"))  # leftovers cleaned up
+    assert _ran(_run(["dvc", "repro"], project)) == {"check"}
 
 
 def test_folder_edit_reruns_exactly_its_prepare_chain(project):

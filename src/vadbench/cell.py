@@ -39,6 +39,7 @@ class CellInputs:
     backbone_dir: Path | None
     image_size: int
     center_crop: int | None = None
+    teacher_dir: Path | None = None  # stage distill's output for models that take a teacher (EfficientAD)
 
 
 @dataclass(frozen=True)
@@ -122,6 +123,8 @@ def fit_cell(
         for seed in seeds:
             seed_everything(seed)
             model = create_model(model_name, backbone=backbone, **_with_seed(model_name, hparams, seed)).to(dev)
+            if inputs.teacher_dir is not None and hasattr(model, "use_teacher"):
+                model.use_teacher(inputs.teacher_dir)  # a named error when the distilled teacher is missing
             with cost.PeakMemory() as mem, cost.Stopwatch() as watch:
                 report = model.fit(train, val if len(val) else None)
             report, timings = _split_measured(report)

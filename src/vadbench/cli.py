@@ -179,6 +179,129 @@ def _list(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _cell_settings(ns: argparse.Namespace) -> dict[str, Any]:
+    """What `predict` / `export` take from params.yaml (defaults when the file is absent): seed, device,
+    threshold quantile, batch size, threads, the dataset's max_pixels, and the pipeline's folders under --root."""
+    from vadbench import layout
+    from vadbench.config import AggregateParams, ScoreParams
+    from vadbench.predict import DEFAULT_MAX_PIXELS, split_cell
+
+    dataset = split_cell(ns.cell)[0]
+    params = load_params(ns.params) if Path(ns.params).is_file() else None
+    root = Path(ns.root)
+    spec = params.datasets.get(dataset) if params is not None else None
+    return {
+        "seed": ns.seed if ns.seed is not None else (params.run.seeds[0] if params is not None else 0),
+        "device": ns.device or (params.device if params is not None else "auto"),
+        "quantile": (params.aggregate if params is not None else AggregateParams()).threshold_quantile,
+        "batch_size": ns.batch_size or (params.score if params is not None else ScoreParams()).batch_size,
+        "max_pixels": getattr(spec, "max_pixels", DEFAULT_MAX_PIXELS),
+        "threads": getattr(params, "threads", None),
+        "fits": root / layout.FITS,
+        "prepared": root / layout.PREPARED,
+        "backbones": root / layout.BACKBONES,
+        "scores": root / layout.SCORES,
+    }
+
+
+def _load_cell(ns: argparse.Namespace, device: str | None = None):
+    import torch
+
+    from vadbench.predict import load_fitted_cell
+
+    s = _cell_settings(ns)
+    if s["threads"]:
+        torch.set_num_threads(s["threads"])  # as the stages: CPU results depend on the intra-op thread count
+    return load_fitted_cell(
+        ns.cell,
+        fits=s["fits"],
+        prepared=s["prepared"],
+        backbones=s["backbones"],
+        scores=s["scores"],
+        seed=s["seed"],
+        device=device or s["device"],
+        quantile=s["quantile"],
+        batch_size=s["batch_size"],
+        max_pixels=s["max_pixels"],
+    ), s
+
+
+def _user_error(command: str, err: Exception) -> int:
+    if os.environ.get("VADBENCH_DEBUG"):
+        traceback.print_exc()
+    text = describe_os_error(err) if isinstance(err, OSError) and err.errno else str(err)
+    print(f"error in {command}: {text}", file=sys.stderr)
+    return 2
+
+
+def _predict(ns: argparse.Namespace) -> int:
+    """Score new images with a fitted cell: scores.csv + overlays; exit 1 when some file could not be decoded."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from vadbench.predict import predict_files
+
+    try:
+        fitted, s = _load_cell(ns)
+        out = Path(ns.out) if ns.out else Path("predictions") / f"{ns.cell}-seed{fitted.seed}"
+        summary = predict_files(
+            fitted, ns.paths, out, batch_size=s["batch_size"], overlays=not ns.no_overlays, progress=not ns.quiet
+        )
+    except (*USER_ERRORS, OSError) as err:
+        return _user_error("predict", err)
+    thr = "no threshold" if summary["threshold"] is None else f"threshold {summary['threshold']:.6g}"
+    print(
+        f"predict {ns.cell} seed {fitted.seed}: {summary['n_scored']} image(s) scored, {summary['n_anomalous']} "
+        f"anomalous ({thr}, from {summary['threshold_source']}), {summary['n_failed']} could not be decoded → "
+        f"{summary['scores_csv']}"
+    )
+    return 1 if summary["n_failed"] else 0
+
+
+def _export(ns: argparse.Namespace) -> int:
+    """Export a fitted cell's inference path as one TorchScript / ONNX graph (parity-checked before writing)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from vadbench import export
+
+    if ns.list:
+        from vadbench.models import model_names
+
+        for name in model_names():
+            for fmt in export.FORMATS:
+                reason = export.not_exportable_reason(name, fmt)
+                print(
+                    f"{name:22s} {fmt:12s} {'exportable (parity checked on every export)' if reason is None else 'NOT exportable: ' + reason}"
+                )
+        return 0
+    if not ns.cell or not ns.format:
+        print("error in export: --cell and --format are required (or --list)", file=sys.stderr)
+        return 2
+    try:
+        model_name = export.split_model(ns.cell)
+        reason = export.not_exportable_reason(model_name, ns.format)
+        if reason is not None:
+            raise export.ExportError(f"model {model_name!r} cannot be exported to {ns.format}: {reason}")
+        fitted, _ = _load_cell(ns, device="cpu")
+        out = Path(ns.out) if ns.out else Path("exports") / f"{ns.cell}-seed{fitted.seed}{export.SUFFIX[ns.format]}"
+        meta = export.export_cell(fitted, ns.format, out, input_dtype=ns.input_dtype)
+    except (*USER_ERRORS, OSError) as err:
+        return _user_error("export", err)
+    p = meta["parity"]
+    print(
+        f"export {ns.cell} seed {fitted.seed} → {out} ({ns.format}; parity on CPU: scores {p['scores']:.2g}, "
+        f"maps {p['maps']:.2g} ≤ {p['tolerance']:.2g})"
+    )
+    return 0
+
+
+def _cell_args(p: argparse.ArgumentParser, *, cell_required: bool = True) -> None:
+    p.add_argument(
+        "--cell", required=cell_required, help="<dataset>-<model>-<backbone>, e.g. synthetic_sem-padim-fractal"
+    )
+    p.add_argument("--seed", type=int, default=None, help="which fitted seed (default: run.seeds[0])")
+    p.add_argument("--params", default="params.yaml", help="threshold quantile, batch size, device, threads")
+    p.add_argument("--root", default=".", help="the pipeline checkout holding data/fits, data/prepared, ...")
+    p.add_argument("--batch-size", type=int, default=None, help="default: score.batch_size")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vadbench", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -194,6 +317,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("what", choices=("models", "datasets", "backbones"))
     p.add_argument("--params", default="params.yaml")
     p.set_defaults(func=_list)
+    p = sub.add_parser("predict", help="score new images with a fitted cell: scores.csv + heat-map overlays")
+    _cell_args(p)
+    p.add_argument("paths", nargs="+", type=Path, help="image files or folders (searched recursively)")
+    p.add_argument("--out", default=None, help="output folder (default predictions/<cell>-seed<s>)")
+    p.add_argument("--device", default=None, help="auto | cpu | cuda[:N] (default: params.yaml device)")
+    p.add_argument("--no-overlays", action="store_true", help="scores.csv only")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_predict)
+    p = sub.add_parser("export", help="a fitted cell as one TorchScript or ONNX graph (parity-checked)")
+    _cell_args(p, cell_required=False)
+    p.add_argument("--format", choices=("torchscript", "onnx"))
+    p.add_argument("--out", default=None, help="output file (default exports/<cell>-seed<s>.pt|.onnx)")
+    p.add_argument("--input-dtype", choices=("uint8", "float32"), default="uint8", help="ONNX input dtype")
+    p.add_argument("--list", action="store_true", help="which models export to which format, and why not")
+    p.set_defaults(func=_export, device=None)
     ns = parser.parse_args(argv)
     return int(ns.func(ns))
 

@@ -87,6 +87,22 @@ class AggregateParams(StrictModel):
     gallery_size: int = Field(4, ge=1, le=16)
 
 
+class DistillParams(StrictModel):
+    """Teacher-PDN distillation for EfficientAD (stage distill@<model>-<backbone>,
+    `models.components.teacher_distill`); the paper: 60,000 steps, batch 16, Adam lr 1e-4, weight decay
+    1e-5, PDN input 256 px (backbone 512 px), WideResNet-101 layer2+3 on ImageNet."""
+
+    layers: list[str] = Field(["layer2", "layer3"], min_length=1, description="backbone layers distilled (first: stride 8)")
+    image_size: int = Field(64, ge=32, le=1024, description="PDN input side; the backbone sees twice it (paper: 256)")
+    steps: int = Field(200, ge=1, le=10_000_000, description="Adam steps (paper: 60,000)")
+    batch_size: int = Field(8, ge=1, le=4096, description="paper: 16")
+    lr: float = Field(1e-4, gt=0, le=1)
+    weight_decay: float = Field(1e-5, ge=0)
+    grayscale: float = Field(0.1, ge=0, le=1, description="random-grayscale probability (paper: 0.1)")
+    norm_images: int = Field(512, ge=1, description="images for the targets' channel mean/std (paper: 10,000)")
+    penalty_images: int = Field(256, ge=0, description="fractal images stored with the teacher for the penalty loss")
+
+
 #: dataset, model and backbone names become DVC stage names, paths and command arguments
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9_]+$")
 
@@ -106,6 +122,7 @@ class Params(StrictModel):
     models: dict[str, dict[str, Any]]
     score: ScoreParams = ScoreParams()
     aggregate: AggregateParams = AggregateParams()
+    distill: DistillParams = DistillParams()  # EfficientAD's teacher (stage distill)
 
     def model_params(self, name: str) -> BaseModel:
         """The validated params object of model `name` (its class's `Params`)."""

@@ -17,11 +17,17 @@ BACKBONES = DATA / "backbones"
 PREPARED = DATA / "prepared"
 SOURCES = DATA / "sources"  # fingerprints of local source trees (stage sources@<dataset>)
 FITS = DATA / "fits"
+TEACHERS = DATA / "teachers"  # distill@<model>-<backbone>: EfficientAD's teacher PDN, a marker for other models
+#: models whose fit needs a distilled teacher → its PDN size (kept here, torch-free, so the distill stage
+#: writes other models' markers without importing torch; tests/test_efficientad.py checks it against the models)
+TEACHER_MODELS = {"efficientad_s": "small", "efficientad_m": "medium"}
 SCORES = DATA / "scores"
 METRICS = Path("metrics")
 MEASURED = METRICS / "measured"
 MEASURED_PRETRAIN = MEASURED / "pretrain.json"
 REPORTS = Path("reports")
+#: the page to share; shows measured costs, so (like MEASURED) no stage declares it as an output
+REPORT_PAGE = REPORTS / "index.html"
 
 
 def measured_fit(root: Path, cell: str) -> Path:
@@ -32,3 +38,9 @@ def measured_fit(root: Path, cell: str) -> Path:
 def measured_score(root: Path, cell: str) -> Path:
     """Score measurements of one cell (first seed): latency, throughput, peak memory, device."""
     return Path(root) / "score" / f"{cell}.json"
+
+
+def teacher_dir(model: str, backbone: str) -> Path:
+    """Output of stage distill@<model>-<backbone>: ``teacher.pt`` + ``card.json`` (only ``card.json`` for a
+    model without a teacher)."""
+    return TEACHERS / f"{model}-{backbone}"

@@ -20,6 +20,11 @@ _BUILTIN = (
     "sparse_ae",
     "deep_ae",
     "gaussian_ad",
+    "simplenet",
+    "supersimplenet",
+    "efficientad_s",
+    "efficientad_m",
+    "cfa",
 )
 for _mod in _BUILTIN:
     importlib.import_module(f"vadbench.models.{_mod}")
