@@ -66,7 +66,9 @@ def main() -> None:
         for n in names:
             rounds[n].append(median_ms(models[n], image, args.warmup, args.repeats))
             print(f"round {r}: {n} {rounds[n][-1]:.1f} ms")
-    params = {n: sum(p.numel() for k, p in models[n].state_dict().items() if not k.startswith("backbone.")) for n in names}
+    params = {
+        n: sum(p.numel() for k, p in models[n].state_dict().items() if not k.startswith("backbone.")) for n in names
+    }
     rows = [
         f"| {n} | {statistics.median(v):.1f} | {min(v):.1f}–{max(v):.1f} | {params[n] / 1e6:.1f} |"
         for n, v in rounds.items()

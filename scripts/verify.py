@@ -79,7 +79,9 @@ def _env() -> dict[str, str]:
 
 def repro(project: Path) -> tuple[float, set[str]]:
     t0 = time.perf_counter()
-    res = subprocess.run(["dvc", "repro"], cwd=project, env=_env(), capture_output=True, text=True)
+    # the copy's own src/ first: the editable install points at this checkout, which must not leak in
+    env = {**_env(), "PYTHONPATH": str(project / "src")}
+    res = subprocess.run(["dvc", "repro"], cwd=project, env=env, capture_output=True, text=True)
     if res.returncode != 0:
         raise SystemExit(f"dvc repro failed in {project}:\n{(res.stdout + res.stderr)[-4000:]}")
     return time.perf_counter() - t0, set(re.findall(r"Running stage '([^']+)'", res.stdout + res.stderr))

@@ -10,7 +10,6 @@ the grid, and adding or removing EfficientAD never changes another model's fit d
 import json
 import sys
 import time
-from pathlib import Path
 
 from vadbench import layout
 from vadbench.io import atomic_dir
@@ -88,8 +87,10 @@ def run(params, model: str, backbone: str) -> None:
     with atomic_dir(layout.teacher_dir(model, backbone)) as tmp:
         save_teacher(tmp / TEACHER_FILE, size, state, penalty, meta)
         (tmp / CARD_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    print(f"distill {model}-{backbone}: PDN-{size}, {d.steps} steps, final loss {report['final_loss']:.4f}, "
-          f"{time.perf_counter() - start:.0f} s")
+    print(
+        f"distill {model}-{backbone}: PDN-{size}, {d.steps} steps, final loss {report['final_loss']:.4f}, "
+        f"{time.perf_counter() - start:.0f} s"
+    )
 
 
 if __name__ == "__main__":

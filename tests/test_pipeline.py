@@ -41,8 +41,19 @@ def tiny_params() -> dict:
     return p
 
 
+def _env(project: Path) -> dict[str, str]:
+    # the project's own copy of src/ first: the editable install points at the live tree, which may change
+    # while this module runs (an edit mid-test made a forced rerun differ from the run before it)
+    return {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": str(project / "src"),
+    }
+
+
 def _run(args: list[str], cwd: Path) -> str:
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "HF_HUB_OFFLINE": "1"}
+    env = _env(cwd)
     res = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
     out = res.stdout + res.stderr
     assert res.returncode == 0, f"{' '.join(args)} failed:\n{out[-4000:]}"
@@ -83,13 +94,18 @@ CELLS = {
     for b in ("random", "fractal")
 }
 PIXEL_CELLS = {"fit_pixels@synthetic_sem-sparse_ae", "score_pixels@synthetic_sem-sparse_ae"}  # no backbone: once
+# EfficientAD's teacher stage: a constant marker for every other model (their fits depend on a file that never changes)
+MARKERS = {f"distill@{m}-{b}" for m in ("patchcore", "padim") for b in ("random", "fractal")}
 
 
 def test_full_chain_then_noop(project):
     ran = _ran(_run(["dvc", "repro"], project))
     assert (
         ran
-        == {"check", "fractals", "pretrain", "backbones", "prepare@synthetic_sem", "aggregate"} | CELLS | PIXEL_CELLS
+        == {"check", "fractals", "pretrain", "backbones", "prepare@synthetic_sem", "aggregate"}
+        | CELLS
+        | PIXEL_CELLS
+        | MARKERS
     )
     summary = json.loads((project / "metrics" / "summary.json").read_text())
     assert set(summary["synthetic_sem"]) == {"patchcore", "padim", "sparse_ae"}
@@ -135,6 +151,28 @@ def test_fractal_param_reruns_only_fractal_chain(project):
     assert "prepare@synthetic_sem" not in ran
 
 
+def test_adding_efficientad_runs_only_its_teacher_and_cells(project):
+    """The distilled teacher is one stage per model × backbone: adding EfficientAD reruns nothing else."""
+
+    def add(p: dict) -> None:
+        p["run"]["models"].append("efficientad_s")
+        p["models"]["efficientad_s"].update(steps=2, batch_size=2, image_size=64)
+        p["distill"].update(steps=2, batch_size=2, image_size=32, norm_images=8, penalty_images=4)
+
+    text = (project / "params.yaml").read_text()
+    _set(project, add)
+    try:
+        ran = _ran(_run(["dvc", "repro"], project))
+        own = {f"{s}@{c}-{b}" for b in ("random", "fractal") for s, c in (("distill", "efficientad_s"),)}
+        own |= {f"{s}@synthetic_sem-efficientad_s-{b}" for s in ("fit", "score") for b in ("random", "fractal")}
+        # the other models' markers rerun (the distill params changed) but write the same bytes: no cell reruns
+        assert ran == own | MARKERS | {"check", "aggregate"}
+        assert (project / "data" / "teachers" / "efficientad_s-fractal").is_dir()
+    finally:
+        (project / "params.yaml").write_text(text)
+    assert _ran(_run(["dvc", "repro"], project)) <= {"check", "aggregate"} | MARKERS
+
+
 def _lock_diff(a: str, b: str) -> str:
     import difflib
 
@@ -162,7 +200,7 @@ def test_invalid_params_stop_a_plain_repro(project):
     text = (project / "params.yaml").read_text()
     try:
         (project / "params.yaml").write_text(text + "seeds: [0, 1, 2]\n")
-        env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "HF_HUB_OFFLINE": "1"}
+        env = _env(project)
         res = subprocess.run(["dvc", "repro"], cwd=project, env=env, capture_output=True, text=True, timeout=300)
         assert res.returncode != 0 and "seeds" in res.stdout + res.stderr
     finally:
@@ -181,7 +219,7 @@ def test_sigkill_mid_fit_then_rerun_gives_identical_outputs(project):
         return {p.relative_to(fit_dir).as_posix(): p.read_bytes() for p in sorted(fit_dir.rglob("*")) if p.is_file()}
 
     before = snapshot()
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "HF_HUB_OFFLINE": "1"}
+    env = _env(project)
     log = project.parent / "sigkill-repro.log"
     with log.open("w") as out:
         proc = subprocess.Popen(

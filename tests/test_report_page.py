@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 import re
 
+import browser
 import numpy as np
 from test_report import cells  # noqa: F401  (fixture: four cells' score outputs in tmp_path)
 
-import browser
 from vadbench.report.aggregate import aggregate
 from vadbench.report.gallery import render_gallery
 

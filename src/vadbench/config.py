@@ -92,7 +92,9 @@ class DistillParams(StrictModel):
     `models.components.teacher_distill`); the paper: 60,000 steps, batch 16, Adam lr 1e-4, weight decay
     1e-5, PDN input 256 px (backbone 512 px), WideResNet-101 layer2+3 on ImageNet."""
 
-    layers: list[str] = Field(["layer2", "layer3"], min_length=1, description="backbone layers distilled (first: stride 8)")
+    layers: list[str] = Field(
+        ["layer2", "layer3"], min_length=1, description="backbone layers distilled (first: stride 8)"
+    )
     image_size: int = Field(64, ge=32, le=1024, description="PDN input side; the backbone sees twice it (paper: 256)")
     steps: int = Field(200, ge=1, le=10_000_000, description="Adam steps (paper: 60,000)")
     batch_size: int = Field(8, ge=1, le=4096, description="paper: 16")

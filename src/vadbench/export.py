@@ -51,6 +51,10 @@ NOT_EXPORTABLE: dict[str, dict[str, str]] = {
         "onnx": "F.layer_norm(f, f.shape[1:]) takes its normalized_shape from a traced shape, which the ONNX "
         "exporter cannot make a constant inside the batch Loop; TorchScript works"
     },
+    "simplenet": {
+        "onnx": "its locally aware features pool channels with F.adaptive_avg_pool1d (components/patch_features), "
+        "whose input size the ONNX exporter cannot read inside the batch Loop; TorchScript works"
+    },
 }
 
 

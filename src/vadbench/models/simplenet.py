@@ -28,11 +28,13 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from vadbench.backbones import FeatureExtractor, pick
-from vadbench.data.source import as_source
+from vadbench.data.source import as_source, loader
 from vadbench.models.base import AnomalyModel, register_model
 from vadbench.models.components.feature_cache import cache_splits, feature_cache_field
 from vadbench.models.components.feature_discriminator import (
     FeatureAdaptor,
+    FeatureNorm,
+    FeatureStandardizer,
     PatchDiscriminator,
     gaussian_noise,
     truncated_l1,
@@ -65,10 +67,18 @@ class SimpleNet(AnomalyModel):
         )
         neighborhood: int = Field(3, ge=1, le=9, description="odd p of the p×p local average (1 = none)")
         embed_dim: int = Field(384, ge=1, le=8192, description="channel-pooled patch feature dim (paper: 1536)")
-        noise_std: float = Field(0.015, gt=0, le=10, description="σ of the Gaussian feature noise (paper: 0.015)")
+        feature_norm: FeatureNorm = Field(
+            "global", description="standardise features by train-normal statistics first (not in the paper; none)"
+        )
+        noise_std: float = Field(
+            0.3,
+            gt=0,
+            le=10,
+            description="σ of the feature noise, in feature stds unless feature_norm none (paper: 0.015)",
+        )
         hidden_dim: int = Field(1024, ge=1, le=16384, description="discriminator hidden units (paper: 1024)")
         margin: float = Field(0.5, gt=0, le=10, description="truncation th of the L1 loss (paper: 0.5)")
-        epochs: int = Field(40, ge=1, le=10_000, description="maximum epochs (paper: 160)")
+        epochs: int = Field(20, ge=1, le=10_000, description="maximum epochs (paper: 160)")
         batch_size: int = Field(8, ge=1, le=4096, description="paper: 8")
         adaptor_lr: float = Field(1e-4, gt=0, le=1, description="AdamW lr of the feature adaptor (paper: 1e-4)")
         discriminator_lr: float = Field(2e-4, gt=0, le=1, description="lr of the discriminator (paper: 2e-4)")
@@ -93,6 +103,7 @@ class SimpleNet(AnomalyModel):
         with torch.random.fork_rng(devices=[]):  # seeded init that leaves the global RNG alone
             torch.manual_seed(p.seed)
             self.adaptor = FeatureAdaptor(p.embed_dim)
+            self.feature_norm = FeatureStandardizer(p.embed_dim, p.feature_norm)
             self.discriminator = PatchDiscriminator(p.embed_dim, p.hidden_dim)
         self.map_norm = PositionalMapNorm(p.map_normalization)
         self._noise = torch.Generator().manual_seed(p.seed)
@@ -108,11 +119,11 @@ class SimpleNet(AnomalyModel):
 
     def scores_of(self, feats: torch.Tensor) -> torch.Tensor:
         """patch features (B, D, h, w) → discriminator output on the adapted features (B, h, w)."""
-        return self.discriminator(self.adaptor(feats))[:, 0]
+        return self.discriminator(self.adaptor(self.feature_norm(feats)))[:, 0]
 
     def loss(self, feats: list[torch.Tensor]) -> torch.Tensor:
         """Truncated L1 on adapted features (normal) and adapted + N(0, σ²) (anomalous), one D pass on both."""
-        adapted = self.adaptor(feats[0])
+        adapted = self.adaptor(self.feature_norm(feats[0]))
         noisy = adapted + gaussian_noise(adapted, self.p.noise_std, self._noise)
         out = self.discriminator(torch.cat([adapted, noisy]))
         normal, anomalous = out[: len(adapted)], out[len(adapted) :]
@@ -145,6 +156,7 @@ class SimpleNet(AnomalyModel):
                 self._noise = keep
 
         try:
+            self.feature_norm.fit(train_feats.to_device(b, device)[0] for b in loader(train_feats, p.batch_size))
             report = train_loop(
                 trainable=trainable,
                 optimizer=optimizer,

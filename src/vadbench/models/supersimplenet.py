@@ -37,11 +37,13 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from vadbench.backbones import FeatureExtractor, pick
-from vadbench.data.source import as_source
+from vadbench.data.source import as_source, loader
 from vadbench.models.base import AnomalyModel, register_model
 from vadbench.models.components.feature_cache import cache_splits, feature_cache_field
 from vadbench.models.components.feature_discriminator import (
     FeatureAdaptor,
+    FeatureNorm,
+    FeatureStandardizer,
     PatchDiscriminator,
     focal_loss_with_logits,
     gaussian_noise,
@@ -101,7 +103,15 @@ class SuperSimpleNet(AnomalyModel):
         layers: list[str] = Field(["layer2", "layer3"], min_length=1, description="backbone layers")
         upscale: float = Field(1.0, gt=0, le=8, description="patch grid = this × the first layer's grid (paper: 2)")
         neighborhood: int = Field(3, ge=1, le=9, description="odd p of the p×p local average (1 = none)")
-        noise_std: float = Field(0.015, gt=0, le=10, description="σ of the feature noise (paper: 0.015)")
+        feature_norm: FeatureNorm = Field(
+            "global", description="standardise features by train-normal statistics first (not in the paper; none)"
+        )
+        noise_std: float = Field(
+            0.35,
+            gt=0,
+            le=10,
+            description="σ of the feature noise, in feature stds unless feature_norm none (paper: 0.015)",
+        )
         perlin_threshold: float = Field(0.2, ge=-1, le=1, description="mask = Perlin noise > this (paper: 0.2)")
         perlin_min_scale_log2: int = Field(0, ge=0, le=10, description="lattice 2^k per axis, k ≥ this (paper: 0)")
         perlin_max_scale_log2: int = Field(6, ge=1, le=11, description="... and k < this (paper: 6)")
@@ -142,6 +152,7 @@ class SuperSimpleNet(AnomalyModel):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(p.seed)
             self.adaptor = FeatureAdaptor(dim)
+            self.feature_norm = FeatureStandardizer(dim, p.feature_norm)
             self.seg_head = PatchDiscriminator(dim, p.hidden_dim)
             self.cls_head = ClassificationHead(dim, p.cls_channels, p.cls_kernel, p.stop_grad)
         self._gen = torch.Generator().manual_seed(p.seed)
@@ -173,7 +184,7 @@ class SuperSimpleNet(AnomalyModel):
     def loss(self, feats: list[torch.Tensor]) -> torch.Tensor:
         """Truncated L1 + focal on the map, focal on the image logit, over the duplicated batch."""
         p = self.p
-        noisy, masks, labels = self.synthetic_anomalies(self.adaptor(feats[0]))
+        noisy, masks, labels = self.synthetic_anomalies(self.adaptor(self.feature_norm(feats[0])))
         seg, logit = self.heads(noisy)
         anomalous = masks > 0
         # the map is high where anomalous: negate it into truncated_l1's "normal high" convention
@@ -214,6 +225,7 @@ class SuperSimpleNet(AnomalyModel):
                 self._gen = keep
 
         try:
+            self.feature_norm.fit(train_feats.to_device(b, device)[0] for b in loader(train_feats, p.batch_size))
             report = train_loop(
                 trainable=trainable,
                 optimizer=optimizer,
@@ -240,7 +252,7 @@ class SuperSimpleNet(AnomalyModel):
     # -- scoring ----------------------------------------------------------------------------
     def maps_and_scores(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """images (B, C, H, W) → (smoothed, upsampled map logits (B, H, W), σ(image logits) (B,))."""
-        seg, logit = self.heads(self.adaptor(self._features(images)[0]))
+        seg, logit = self.heads(self.adaptor(self.feature_norm(self._features(images)[0])))
         maps = upsample_and_smooth(seg[:, 0].float(), tuple(images.shape[-2:]), self.p.sigma)
         return maps, torch.sigmoid(logit.float())
 

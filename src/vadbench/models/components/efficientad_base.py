@@ -47,7 +47,11 @@ C = TEACHER_CHANNELS
 def hard_feature_loss(teacher: torch.Tensor, student: torch.Tensor, quantile: float) -> torch.Tensor:
     """Mean of the squared differences (B, C, h, w) at or above their `quantile` (the paper's L_hard)."""
     d = (teacher - student).pow(2)
-    threshold = torch.quantile(d.detach().flatten().float(), quantile)
+    flat = d.detach().flatten().float()
+    if flat.numel() <= 1 << 24:
+        threshold = torch.quantile(flat, quantile)
+    else:  # torch.quantile refuses > 2^24 values (256 px at batch ≥ 14): the order statistic just below it
+        threshold = torch.kthvalue(flat, int(quantile * (flat.numel() - 1)) + 1).values
     return d[d >= threshold].mean()
 
 
@@ -93,7 +97,7 @@ class EfficientAD(AnomalyModel):
             description="distilled: the distill stage's PDN (the method); random: a seeded random PDN (tests, ablation)",
         )
         image_size: int = Field(128, ge=64, le=2048, description="side the networks see (paper: 256); multiple of 32")
-        steps: int = Field(1000, ge=1, le=10_000_000, description="optimiser steps (paper: 70,000)")
+        steps: int = Field(100, ge=1, le=10_000_000, description="optimiser steps (paper: 70,000)")
         batch_size: int = Field(4, ge=1, description="images per step (paper: 1)")
         lr: float = Field(1e-4, gt=0, le=1, description="Adam, as the paper (anomalib: AdamW cost a point)")
         weight_decay: float = Field(1e-5, ge=0)

@@ -10,7 +10,8 @@ noise regions, a focal loss and a classification head (in its model file).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +24,56 @@ def xavier_init(module: nn.Module) -> None:
         nn.init.xavier_normal_(module.weight)
     elif isinstance(module, (nn.BatchNorm1d, nn.BatchNorm2d)):
         nn.init.constant_(module.weight, 1)
+
+
+FeatureNorm = Literal["none", "global", "channel"]
+
+
+class FeatureStandardizer(nn.Module):
+    """(B, D, h, w) → (x − μ) / s with statistics of the train normals' features, fitted once before training.
+
+    μ is the per-channel mean. ``global``: s is one scalar, the root-mean per-channel variance (the channels
+    keep the backbone's relative weights); ``channel``: s is each channel's std (floored at 1 % of the median
+    std, so near-constant channels are not blown up); ``none``: the identity. Its point is that the feature
+    noise σ is then in units of the feature spread whatever the backbone (not in the papers: their σ 0.015 is
+    absolute on ImageNet features). Buffers ``mean`` / ``scale`` are learned state; unfitted it is the identity.
+    """
+
+    def __init__(self, dim: int, mode: FeatureNorm) -> None:
+        super().__init__()
+        self.mode = mode
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("scale", torch.ones(dim))
+
+    @torch.no_grad()
+    def fit(self, batches: Iterable[torch.Tensor]) -> None:
+        """Streamed float64 moments over every position of (B, D, h, w) batches; memory O(D)."""
+        if self.mode == "none":
+            return
+        n, total, squares = 0, None, None
+        for x in batches:
+            rows = x.detach().double().transpose(0, 1).reshape(x.shape[1], -1)
+            s1, s2 = rows.sum(1), (rows * rows).sum(1)
+            total = s1 if total is None else total + s1
+            squares = s2 if squares is None else squares + s2
+            n += rows.shape[1]
+        if total is None or squares is None or n < 2:
+            raise ValueError("feature standardisation needs at least 2 feature positions")
+        mean = total / n
+        var = (squares / n - mean * mean).clamp(min=0)
+        if self.mode == "global":
+            scale = var.mean().sqrt().expand_as(var)
+        else:
+            std = var.sqrt()
+            scale = std.clamp(min=0.01 * float(std.median()))
+        scale = scale.clamp(min=1e-12)
+        self.mean.copy_(mean.to(self.mean))
+        self.scale.copy_(scale.to(self.scale))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        if self.mode == "none":
+            return features
+        return (features - self.mean[:, None, None]) / self.scale[:, None, None]
 
 
 class FeatureAdaptor(nn.Module):
@@ -88,7 +139,7 @@ def upscaled_embedding(maps: Sequence[torch.Tensor], scale: float, neighborhood:
     """
     if neighborhood % 2 != 1:
         raise ValueError(f"neighborhood must be odd (same-size pooling), got {neighborhood}")
-    h, w = maps[0].shape[-2:]
+    h, w = (int(v) for v in maps[0].shape[-2:])  # plain ints: traceable for export
     size = (round(h * scale), round(w * scale))
     emb = torch.cat([F.interpolate(m, size=size, mode="bilinear", align_corners=True) for m in maps], dim=1)
     if neighborhood > 1:

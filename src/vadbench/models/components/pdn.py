@@ -29,7 +29,9 @@ RECEPTIVE_FIELD = 33
 TEACHER_CHANNELS = 384
 
 
-def pdn(size: PdnSize, out_channels: int = TEACHER_CHANNELS, padding: bool = False, in_channels: int = 3) -> nn.Sequential:
+def pdn(
+    size: PdnSize, out_channels: int = TEACHER_CHANNELS, padding: bool = False, in_channels: int = 3
+) -> nn.Sequential:
     """PDN-S (4 convs) or PDN-M (6 convs): (B, in, S, S) → (B, out, S/4 − 8, S/4 − 8) (S/4 with `padding`)."""
     pad = 1 if padding else 0
     if size == "small":
