@@ -29,8 +29,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-#: never compared: measurements, DVC's own state, local caches
-SKIP = re.compile(r"^(metrics/measured/|\.dvc/(tmp|cache)/|data/\.sources-cache/|\.git/)")
+#: never compared: measurements (and reports/index.html, which shows them), DVC's own state, local caches
+SKIP = re.compile(r"^(metrics/measured/|reports/index\.html$|\.dvc/(tmp|cache)/|data/\.sources-cache/|\.git/)")
 
 
 def small_grid() -> dict:
