@@ -58,8 +58,7 @@ def _cases() -> list:
 
 @pytest.mark.parametrize(("name", "fmt"), _cases())
 def test_exported_graph_equals_torch(name, fmt, toy_defect_data, random_backbone_dir, tmp_path):
-    if name not in QUICK:  # test_model_contract.py::test_every_registered_model_is_covered fails for it already
-        pytest.skip(f"{name} has no QUICK settings in tests/test_model_contract.py yet")
+    assert name in QUICK, f"{name} has no QUICK settings in tests/test_model_contract.py: add them there"
     model = _fitted_model(name, toy_defect_data, random_backbone_dir)
     spec = _spec(model)
     out = tmp_path / f"m{export.SUFFIX[fmt]}"
