@@ -53,7 +53,7 @@ test: $(STAMP) plots-deps lint
 test-fast: $(STAMP) plots-deps
 	$(BIN)/python -m pytest -q -m 'not slow'
 
-# two clean runs of a small grid must be byte-identical; the lock must match profiles/verify.lock
+# two clean runs of a small grid must be byte-identical and agree with profiles/verify-locks/<machine kind>.lock
 verify: $(STAMP)
 	$(BIN)/python scripts/verify.py
 

@@ -1,6 +1,6 @@
 """Reproducibility check (`make verify`): a small grid run twice from a clean state must be byte-identical.
 
-    python scripts/verify.py [--params FILE] [--lock profiles/verify.lock] [--update-lock]
+    python scripts/verify.py [--params FILE] [--lock FILE] [--update-lock]
 
 Two fresh copies of the project's tracked files (``git ls-files``: what a clone has) each get a small
 grid — params.yaml with the `small_grid` overrides below, or `--params` — and run ``dvc repro`` from
@@ -9,9 +9,14 @@ nothing. Then:
      plots file (measurements in metrics/measured/ are excluded: they are the one thing allowed to vary);
   2. a third ``dvc repro`` in the first copy reruns nothing but the `check` stage (its time is printed;
      target ≤ 5 s, warned about, not failed: wall-clock time on a shared machine is no verdict);
-  3. its ``dvc.lock`` equals the committed `--lock` (recorded on this machine kind; `--update-lock`
-     rewrites it, e.g. after a deliberate change — commit it).
+  3. its ``dvc.lock`` agrees with the lock committed for this machine kind,
+     ``profiles/verify-locks/<kind>.lock`` (kind: CPU architecture, torch's CPU capability such as AVX2 or
+     AVX512, torch version: float kernels differ between kinds, so outputs may too). Stage by stage: every
+     stage whose command, dependencies and params equal the recorded ones must have the recorded outputs;
+     a stage whose inputs changed since the recording (a deliberate code or param change) is listed as
+     not comparable, not failed. `--update-lock` rewrites the lock of this kind — commit it.
 Exit 0 when all hold, 1 with the differing files listed otherwise. Runs in a few minutes on 2 CPU cores.
+A machine kind without a committed lock gets checks 1 and 2 and a warning.
 """
 
 from __future__ import annotations
@@ -73,6 +78,33 @@ def copy_tracked(dst: Path, params: Path) -> None:
         subprocess.run(args, cwd=dst, check=True, env=env, capture_output=True)
 
 
+def machine_kind() -> str:
+    """CPU architecture, torch's CPU kernel capability and torch version, e.g. x86_64-AVX2-torch2.14.1_cu130."""
+    import platform
+
+    import torch
+
+    return f"{platform.machine()}-{torch.backends.cpu.get_cpu_capability()}-torch{torch.__version__}".replace("+", "_")
+
+
+def compare_locks(recorded: str, current: str) -> tuple[list[str], list[str]]:
+    """(problems, not comparable): stages whose cmd, deps and params match the recording must match its outs."""
+    import yaml
+
+    old, new = yaml.safe_load(recorded)["stages"], yaml.safe_load(current)["stages"]
+    problems, stale = [], []
+    for name in sorted(old.keys() | new.keys()):
+        a, b = old.get(name), new.get(name)
+        if a is None or b is None:
+            stale.append(f"{name} (only in the {'current' if a is None else 'recorded'} lock)")
+        elif any(a.get(k) != b.get(k) for k in ("cmd", "deps", "params")):
+            stale.append(name)
+        elif a.get("outs") != b.get("outs"):
+            differing = [o["path"] for o, p in zip(a.get("outs", []), b.get("outs", [])) if o != p]
+            problems.append(f"stage {name}: same inputs as recorded, other outputs: {', '.join(differing) or 'outs'}")
+    return problems, stale
+
+
 def _env() -> dict[str, str]:
     return {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "HF_HUB_OFFLINE": "1"}
 
@@ -106,10 +138,16 @@ def compare(a: Path, b: Path) -> list[str]:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--params", type=Path, default=None, help="params file of the grid (default: small_grid())")
-    ap.add_argument("--lock", type=Path, default=ROOT / "profiles" / "verify.lock")
+    ap.add_argument("--lock", type=Path, default=None, help="default: profiles/verify-locks/<machine kind>.lock")
     ap.add_argument("--update-lock", action="store_true", help="write the first run's dvc.lock to --lock")
     ap.add_argument("--keep", action="store_true", help="keep the two project copies (printed)")
     args = ap.parse_args()
+    kind = machine_kind()
+    if args.lock is None:
+        args.lock = ROOT / "profiles" / "verify-locks" / f"{kind}.lock"
+    print(
+        f"verify: machine kind {kind}; lock {args.lock.relative_to(ROOT) if args.lock.is_relative_to(ROOT) else args.lock}"
+    )
     work = Path(tempfile.mkdtemp(prefix="vadbench-verify-"))
     a, b = work / "a", work / "b"
     params = args.params
@@ -133,12 +171,22 @@ def main() -> int:
             print(f"verify: WARNING third dvc repro took {seconds:.1f} s (target ≤ 5 s; was the machine busy?)")
         lock = (a / "dvc.lock").read_text()
         if args.update_lock:
+            args.lock.parent.mkdir(parents=True, exist_ok=True)
             args.lock.write_text(lock)
             print(f"verify: wrote {args.lock}")
         elif not args.lock.is_file():
-            problems.append(f"{args.lock} missing: run with --update-lock on this machine kind and commit it")
+            print(
+                f"verify: WARNING no lock recorded for machine kind {kind} ({args.lock} missing): the two runs "
+                "were compared with each other only; record it with --update-lock and commit it"
+            )
         elif args.lock.read_text() != lock:
-            problems.append(f"dvc.lock differs from the committed {args.lock.relative_to(ROOT)} (same machine kind?)")
+            lock_problems, stale = compare_locks(args.lock.read_text(), lock)
+            problems += lock_problems
+            if stale:
+                print(
+                    f"verify: {len(stale)} stage(s) not comparable with {args.lock.name} (inputs changed since it "
+                    f"was recorded; --update-lock after a deliberate change): {', '.join(stale)}"
+                )
     finally:
         if args.keep:
             print(f"verify: kept {a} and {b}")
@@ -147,7 +195,10 @@ def main() -> int:
     for p in problems:
         print(f"verify: FAIL {p}")
     if not problems:
-        print("verify: OK — two clean runs byte-identical, third run a no-op, dvc.lock matches the committed one")
+        print(
+            "verify: OK — two clean runs byte-identical, third run a no-op, every stage with the recorded inputs "
+            "has the recorded outputs"
+        )
     return 1 if problems else 0
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 
 from vadbench.metrics._util import as_binary, as_scores, check_finite, rnd
 
@@ -24,6 +23,13 @@ IMAGE_KEYS = (
     "image_recall",
     "threshold",
 )
+
+
+def _sklearn_metrics() -> Any:
+    """sklearn.metrics, imported on first use: it costs ~2 s per process, and every fit stage imports this package."""
+    import sklearn.metrics
+
+    return sklearn.metrics
 
 
 def _scores_labels(scores: Any, labels: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -60,12 +66,12 @@ def image_metrics(scores: Any, labels: Any, val_scores: Any | None, quantile: fl
     na: dict[str, str] = {}
 
     if n_pos and n_neg:
-        out["image_auroc"] = rnd(roc_auc_score(y, s))
+        out["image_auroc"] = rnd(_sklearn_metrics().roc_auc_score(y, s))
     else:
         na["image_auroc"] = "test set has no anomalous images" if not n_pos else "test set has no normal images"
     if n_pos:
-        out["image_aupr"] = rnd(average_precision_score(y, s))
-        precision, recall, _ = precision_recall_curve(y, s)
+        out["image_aupr"] = rnd(_sklearn_metrics().average_precision_score(y, s))
+        precision, recall, _ = _sklearn_metrics().precision_recall_curve(y, s)
         out["image_f1_max"] = rnd(f1_max_from_pr(precision, recall))
     else:
         na["image_aupr"] = na["image_f1_max"] = "test set has no anomalous images"
@@ -112,7 +118,7 @@ def roc_points(scores: Any, labels: Any, max_points: int = 200) -> list[dict[str
     s, y = _scores_labels(scores, labels)
     if y.min() == y.max():
         return []
-    fpr, tpr, _ = roc_curve(y, s)
+    fpr, tpr, _ = _sklearn_metrics().roc_curve(y, s)
     idx = _downsample(fpr.size, max_points)
     return [{"fpr": rnd(fpr[i]), "tpr": rnd(tpr[i])} for i in idx]
 
@@ -122,7 +128,7 @@ def pr_points(scores: Any, labels: Any, max_points: int = 200) -> list[dict[str,
     s, y = _scores_labels(scores, labels)
     if not y.any():
         return []
-    precision, recall, _ = precision_recall_curve(y, s)
+    precision, recall, _ = _sklearn_metrics().precision_recall_curve(y, s)
     precision, recall = precision[::-1], recall[::-1]  # sklearn gives recall decreasing
     idx = _downsample(recall.size, max_points)
     return [{"recall": rnd(recall[i]), "precision": rnd(precision[i])} for i in idx]

@@ -19,7 +19,6 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 from pydantic import Field
-from sklearn.covariance import LedoitWolf
 from torch import nn
 from torch.utils.data import Dataset
 
@@ -176,6 +175,8 @@ class CutPaste(AnomalyModel):
             eval_mode=self._eval_mode,
             scheduler=sched,
         )
+        from sklearn.covariance import LedoitWolf  # here: sklearn costs ~2 s to import in every stage
+
         feats = self.embeddings(train).double().cpu().numpy()
         lw = LedoitWolf().fit(feats)
         self.mean = torch.from_numpy(lw.location_).float().to(self.device)

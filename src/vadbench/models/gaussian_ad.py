@@ -19,7 +19,6 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 from pydantic import Field
-from sklearn.covariance import LedoitWolf
 from torch.utils.data import Dataset
 
 from vadbench.backbones import FeatureExtractor, pick
@@ -67,6 +66,8 @@ class GaussianAD(AnomalyModel):
             for store, pooled in zip(per_level, self._pooled(batch)):
                 store.append(pooled.cpu().numpy())
         shrinkage = {}
+        from sklearn.covariance import LedoitWolf  # here: sklearn costs ~2 s to import in every stage
+
         means, precisions = [], []
         for layer, chunks in zip(self.p.layers, per_level):
             lw = LedoitWolf().fit(np.concatenate(chunks))

@@ -1,0 +1,48 @@
+"""scripts/verify.py's lock rule: a stage with the recorded inputs must have the recorded outputs."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("verify", ROOT / "scripts" / "verify.py")
+verify = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(verify)
+
+
+def _lock(**stages: dict) -> str:
+    return yaml.safe_dump({"schema": "2.0", "stages": stages})
+
+
+def _stage(dep: str, out: str, param: int = 1) -> dict:
+    return {
+        "cmd": "python stages/x.py",
+        "deps": [{"path": "src/x.py", "md5": dep, "size": 1}],
+        "params": {"params.yaml": {"x": param}},
+        "outs": [{"path": "data/x", "md5": out, "size": 2}],
+    }
+
+
+def test_same_inputs_other_outputs_is_a_problem():
+    problems, stale = verify.compare_locks(_lock(fit=_stage("a", "o1")), _lock(fit=_stage("a", "o2")))
+    assert problems == ["stage fit: same inputs as recorded, other outputs: data/x"] and stale == []
+
+
+def test_changed_code_or_params_is_not_comparable_not_failed():
+    recorded = _lock(fit=_stage("a", "o1"), score=_stage("s", "p1"), prep=_stage("q", "r"))
+    current = _lock(fit=_stage("b", "o2"), score=_stage("s", "p2", param=2), prep=_stage("q", "r"))
+    problems, stale = verify.compare_locks(recorded, current)
+    assert problems == [] and stale == ["fit", "score"]
+
+
+def test_added_and_removed_stages_are_listed():
+    problems, stale = verify.compare_locks(_lock(old=_stage("a", "o")), _lock(new=_stage("a", "o")))
+    assert problems == [] and stale == ["new (only in the current lock)", "old (only in the recorded lock)"]
+
+
+def test_machine_kind_names_the_cpu_capability_and_torch():
+    kind = verify.machine_kind()
+    assert "-torch" in kind and "+" not in kind and "/" not in kind
