@@ -3,8 +3,10 @@
     python profiles/make_full.py            # writes profiles/full.yaml; `make profile-full` switches to it
 
 The default grid (params.yaml `run:`) holds one representative model per family so that `make repro`
-stays within ~10 minutes on 2 CPU cores; this profile runs all of them at the same small CPU budgets
-(about an hour on 2 cores: benchmarks/results/repro.md). A test keeps it in step with the registry.
+stays near 10 minutes on 2 CPU cores; this profile runs all of them at the same small CPU budgets. Not timed
+whole yet (`benchmarks/bench_repro.py --profile full`): from the per-cell times in docs/MODELS.md it needs
+several hours on 2 CPU cores, most of it EfficientAD's four teacher distillations and fits; minutes on a GPU.
+A test keeps it in step with the registry.
 """
 
 from pathlib import Path
