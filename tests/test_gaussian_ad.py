@@ -21,9 +21,14 @@ def extractor(random_backbone_dir):
     return load_feature_extractor(random_backbone_dir, LAYERS)
 
 
-def test_detects_and_equals_the_reference(extractor, toy_defect_data, tmp_path):
+@pytest.mark.parametrize("pooling", ["avg", "max"])
+def test_detects_and_equals_the_reference(extractor, toy_defect_data, tmp_path, pooling):
     train, test, labels, _ = toy_defect_data
-    model = create_model("gaussian_ad", backbone=extractor, layers=LAYERS, batch_size=5)
+    model = create_model("gaussian_ad", backbone=extractor, layers=LAYERS, batch_size=5, pooling=pooling)
+
+    def pool(f: torch.Tensor) -> np.ndarray:
+        return (f.amax(dim=(2, 3)) if pooling == "max" else f.mean(dim=(2, 3))).double().numpy()
+
     report = model.fit(TensorSource((train * 255).round().to(torch.uint8)))
     scores, maps = model.predict(test)
     assert roc_auc_score(labels, scores.numpy()) >= 0.8
@@ -32,9 +37,9 @@ def test_detects_and_equals_the_reference(extractor, toy_defect_data, tmp_path):
     feats_train, feats_test = extractor(train), extractor(test)
     ref = np.zeros(len(test))
     for layer in LAYERS:
-        x = feats_train[layer].mean(dim=(2, 3)).double().numpy()
+        x = pool(feats_train[layer])
         lw = LedoitWolf().fit(x)
-        d = feats_test[layer].mean(dim=(2, 3)).double().numpy() - lw.location_
+        d = pool(feats_test[layer]) - lw.location_
         ref += np.sqrt(np.einsum("bi,ij,bj->b", d, lw.precision_, d))
         assert report["shrinkage"][layer] == pytest.approx(lw.shrinkage_, abs=1e-6)
     np.testing.assert_allclose(scores.numpy(), ref, rtol=1e-4)

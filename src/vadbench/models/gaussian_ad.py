@@ -1,7 +1,8 @@
 """Gaussian AD (Rippel, Mertens & Merhof, ICPR 2020, "Modeling the Distribution of Normal Data in
 Pre-Trained Deep Features for Anomaly Detection").
 
-fit: every backbone level's feature map is globally average-pooled (one vector per image and level); one
+fit: every backbone level's feature map is globally pooled (one vector per image and level; average as the
+paper, or max: `pooling`); one
 multivariate Gaussian per level is fitted to the train normals' vectors with Ledoit–Wolf shrinkage
 (scikit-learn's `LedoitWolf`, as the paper). predict: the image score is the sum over levels of the
 Mahalanobis distances to those Gaussians. No learning beyond the moments and no randomness, so the
@@ -14,7 +15,7 @@ levels; here any timm backbone and its named layers (default: resnet18 layer1–
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -37,6 +38,10 @@ class GaussianAD(AnomalyModel):
     class Params(StrictModel):
         """Paper: EfficientNet-B4 (ImageNet), all 9 levels, average pooling, Ledoit–Wolf, 224–380 px."""
 
+        pooling: Literal["avg", "max"] = Field(
+            "avg", description="global pooling per level: avg (paper) | max (a small defect barely moves an average)"
+        )
+
         layers: list[str] = Field(
             ["layer1", "layer2", "layer3", "layer4"], min_length=1, description="levels, one Gaussian each"
         )
@@ -51,8 +56,10 @@ class GaussianAD(AnomalyModel):
         self.precisions = torch.nn.ParameterList()
 
     def _pooled(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """images (B, C, H, W) → per level the average-pooled features (B, C_l), float64."""
+        """images (B, C, H, W) → per level the globally pooled features (B, C_l), float64."""
         feats = pick(self.backbone(images.to(self.backbone.device, torch.float32)), self.p.layers)
+        if self.p.pooling == "max":
+            return [f.amax(dim=(2, 3)).double() for f in feats]
         return [f.mean(dim=(2, 3)).double() for f in feats]
 
     @torch.no_grad()
