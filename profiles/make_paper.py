@@ -97,6 +97,20 @@ def paper(p: dict) -> dict:
         upscale=2.0, hidden_dim=1024, cls_channels=128, epochs=300, batch_size=32, feature_norm="none", noise_std=0.015
     )
     m["cfa"].update(epochs=30, patience=0)  # the rest of models.cfa is the paper's already (K = J = 3, γ = 1, AdamW)
+    m["draem"].update(
+        input_size=256,
+        channels=3,
+        recon_width=128,
+        disc_width=64,
+        textures=256,
+        epochs=700,
+        batch_size=8,
+        lr=1e-4,
+        lr_gamma=0.2,
+        patience=0,
+        init="draem",
+    )  # score_kernel null -> 21 at 256 px (paper); DTD -> 256 fractal textures (no DTD download; ~8 s to render)
+    # 97.4 M parameters at these widths
     for name in ("efficientad_s", "efficientad_m"):  # the paper: 70k steps at batch 1, Adam, lr × 0.1 at 95 %
         m[name].update(image_size=256, steps=70_000, batch_size=1, lr=1e-4, weight_decay=1e-5, lr_drop_at=0.95)
     # teacher distillation as the paper (60k steps, batch 16, 256 px PDN / 512 px backbone); fractals replace ImageNet

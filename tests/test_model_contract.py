@@ -34,6 +34,7 @@ QUICK = {
     "cfa": {"epochs": 1, "batch_size": 4},
     "efficientad_s": {"teacher": "random", "image_size": 64, "steps": 2, "batch_size": 4},
     "efficientad_m": {"teacher": "random", "image_size": 64, "steps": 2, "batch_size": 4},
+    "draem": {"epochs": 1, "batch_size": 4, "input_size": 64, "recon_width": 4, "disc_width": 4, "textures": 4},
 }
 
 

@@ -25,6 +25,7 @@ _BUILTIN = (
     "efficientad_s",
     "efficientad_m",
     "cfa",
+    "draem",
 )
 for _mod in _BUILTIN:
     importlib.import_module(f"vadbench.models.{_mod}")
