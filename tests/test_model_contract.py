@@ -35,6 +35,17 @@ QUICK = {
     "efficientad_s": {"teacher": "random", "image_size": 64, "steps": 2, "batch_size": 4},
     "efficientad_m": {"teacher": "random", "image_size": 64, "steps": 2, "batch_size": 4},
     "draem": {"epochs": 1, "batch_size": 4, "input_size": 64, "recon_width": 4, "disc_width": 4, "textures": 4},
+    "riad": {"epochs": 1, "batch_size": 4, "width": 4},
+    "ganomaly": {"image_size": 16, "width": 4, "nz": 8, "epochs": 1, "batch_size": 4},
+    "fanogan": {
+        "image_size": 16,
+        "width": 4,
+        "nz": 8,
+        "gan_epochs": 1,
+        "enc_epochs": 1,
+        "batch_size": 4,
+        "n_critic": 2,
+    },
 }
 
 

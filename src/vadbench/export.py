@@ -40,12 +40,15 @@ TOLERANCE = 1e-4
 RELATIVE = 1e-5
 
 _AA = (
-    "its pixel autoencoder downsamples with antialiased bilinear interpolation (aten::_upsample_bilinear2d_aa), "
+    "it resizes its grey input with antialiased bilinear interpolation (aten::_upsample_bilinear2d_aa), "
     "which torch's ONNX exporter has no conversion for (opset 17 and 18); TorchScript works"
 )
 #: registered models whose predict path cannot become one graph of a format: {model: {format: reason}}
 NOT_EXPORTABLE: dict[str, dict[str, str]] = {
     "deep_ae": {"onnx": _AA},
+    "riad": {"onnx": _AA},
+    "ganomaly": {"onnx": _AA},
+    "fanogan": {"onnx": _AA},
     "sparse_ae": {"onnx": _AA},
     "fastflow": {
         "onnx": "F.layer_norm(f, f.shape[1:]) takes its normalized_shape from a traced shape, which the ONNX "

@@ -26,6 +26,9 @@ _BUILTIN = (
     "efficientad_m",
     "cfa",
     "draem",
+    "riad",
+    "ganomaly",
+    "fanogan",
 )
 for _mod in _BUILTIN:
     importlib.import_module(f"vadbench.models.{_mod}")
