@@ -36,6 +36,7 @@ QUICK = {
     "efficientad_m": {"teacher": "random", "image_size": 64, "steps": 2, "batch_size": 4},
     "draem": {"epochs": 1, "batch_size": 4, "input_size": 64, "recon_width": 4, "disc_width": 4, "textures": 4},
     "riad": {"epochs": 1, "batch_size": 4, "width": 4},
+    "iad_inpaint": {"epochs": 1, "batch_size": 4, "width": 4},
     "ganomaly": {"image_size": 16, "width": 4, "nz": 8, "epochs": 1, "batch_size": 4},
     "fanogan": {
         "image_size": 16,

@@ -47,6 +47,7 @@ _AA = (
 NOT_EXPORTABLE: dict[str, dict[str, str]] = {
     "deep_ae": {"onnx": _AA},
     "riad": {"onnx": _AA},
+    "iad_inpaint": {"onnx": _AA},
     "ganomaly": {"onnx": _AA},
     "fanogan": {"onnx": _AA},
     "sparse_ae": {"onnx": _AA},

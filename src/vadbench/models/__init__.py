@@ -29,6 +29,7 @@ _BUILTIN = (
     "riad",
     "ganomaly",
     "fanogan",
+    "iad_inpaint",
 )
 for _mod in _BUILTIN:
     importlib.import_module(f"vadbench.models.{_mod}")
