@@ -21,7 +21,7 @@ def run(params: Params) -> None:
         fp = write_fingerprint(
             params.datasets[dataset],
             layout.SOURCES / f"{dataset}.json",
-            cache_path=layout.DATA / ".sources-cache" / f"{dataset}.json",
+            cache_path=layout.SOURCES_CACHE / f"{dataset}.json",
         )
         if fp:
             n = sum(len(d["files"]) for d in fp.values())
@@ -30,4 +30,4 @@ def run(params: Params) -> None:
 
 
 if __name__ == "__main__":
-    stage_main(run)
+    stage_main(run, validated_cache=layout.SOURCES_CACHE / "params.validated", uses_torch=False)

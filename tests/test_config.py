@@ -194,3 +194,24 @@ def test_full_profile_is_valid_current_and_runs_every_model():
         module.full(yaml.safe_load((ROOT / "params.yaml").read_text())), sort_keys=False, width=110
     )
     assert profile.read_text() == regenerated, "profiles/full.yaml is stale: run python profiles/make_full.py"
+
+
+def test_validation_record_skips_nothing_that_could_fail(raw, tmp_path):
+    """The `check` stage's record of the last valid params: same bytes → same Params; any edit is validated
+    in full again (an invalid model param still stops it), and a stale record is never trusted."""
+    path, record = tmp_path / "params.yaml", tmp_path / "cache" / "params.validated"
+    path.write_text(yaml.safe_dump(raw))
+    full = load_params(path, record)
+    key = record.read_text()
+    assert len(key) == 64 and load_params(path, record) == full == load_params(path)
+    bad = copy.deepcopy(raw)
+    bad["models"]["padim"]["n_features"] = 0  # caught only by the model's own Params (the full check)
+    path.write_text(yaml.safe_dump(bad))
+    with pytest.raises(ParamsError, match=r"models\.padim\.n_features"):
+        load_params(path, record)
+    assert record.read_text() == key  # a failed validation records nothing
+    record.write_text("0" * 64)  # stale: another params file or source tree
+    with pytest.raises(ParamsError, match=r"models\.padim\.n_features"):
+        load_params(path, record)
+    path.write_text(yaml.safe_dump(raw))
+    assert load_params(path, record) == full and record.read_text() == key

@@ -17,9 +17,18 @@ from vadbench.config import NO_BACKBONE, Params, ParamsError, load_params
 USER_ERRORS = (ParamsError, FileNotFoundError, ValueError, KeyError, RuntimeError)
 
 
-def stage_main(run: Callable[..., Any], argv: list[str] | None = None, n_args: int = 0) -> None:
+def stage_main(
+    run: Callable[..., Any],
+    argv: list[str] | None = None,
+    n_args: int = 0,
+    *,
+    validated_cache: Path | None = None,
+    uses_torch: bool = True,
+) -> None:
     """Entry point of a stage script: validate params.yaml first, then `run(params, *args)`.
 
+    `validated_cache`: see `config.load_params` (the always-run `check` stage). `uses_torch=False`: the stage
+    never imports torch, so its thread count is not pinned (importing torch alone costs ~2 s).
     Exit 2 on invalid params or arguments (nothing written), 1 on any other failure.
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -29,17 +38,18 @@ def stage_main(run: Callable[..., Any], argv: list[str] | None = None, n_args: i
         print(f"error: stage {stage} takes {n_args} argument(s), got {args}", file=sys.stderr)
         raise SystemExit(2)
     try:
-        params = config.load_params(os.environ.get("VADBENCH_PARAMS", "params.yaml"))
+        params = config.load_params(os.environ.get("VADBENCH_PARAMS", "params.yaml"), validated_cache)
     except ParamsError as err:
         print(f"error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
-    import torch
+    if uses_torch:
+        import torch
 
-    from vadbench.data.source import set_loader_workers
+        from vadbench.data.source import set_loader_workers
 
-    if getattr(params, "threads", None):
-        torch.set_num_threads(params.threads)  # pinned: CPU results depend on the intra-op thread count
-    set_loader_workers(getattr(params, "loader_workers", 0))
+        if getattr(params, "threads", None):
+            torch.set_num_threads(params.threads)  # pinned: CPU results depend on the intra-op thread count
+        set_loader_workers(getattr(params, "loader_workers", 0))
     try:
         run(params, *args)
     except USER_ERRORS as err:

@@ -16,6 +16,7 @@ PRETRAIN = DATA / "pretrain"
 BACKBONES = DATA / "backbones"
 PREPARED = DATA / "prepared"
 SOURCES = DATA / "sources"  # fingerprints of local source trees (stage sources@<dataset>)
+SOURCES_CACHE = DATA / ".sources-cache"  # not a DVC output: file-hash caches, the last valid params key
 FITS = DATA / "fits"
 TEACHERS = DATA / "teachers"  # distill@<model>-<backbone>: EfficientAD's teacher PDN, a marker for other models
 #: models whose fit needs a distilled teacher → its PDN size (kept here, torch-free, so the distill stage
