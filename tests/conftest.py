@@ -60,3 +60,18 @@ def random_backbone_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("backbones") / "random"
     materialize_backbone(out, arch="resnet18", init="random", seed=0)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_sem(tmp_path_factory) -> Path:
+    """A tiny `synthetic_sem` (64 px, 30 train / 6 val normals, 12 normal + 24 defective test images) on disk."""
+    from vadbench.data.params import SyntheticSemParams
+    from vadbench.data.synthetic_sem import generate_synthetic_sem
+
+    out = tmp_path_factory.mktemp("sem") / "synthetic_sem"
+    # defects twice the default size: at 64 px a random backbone's 16×16 grid barely sees the default ones
+    params = SyntheticSemParams(
+        image_size=64, n_train=30, n_val=6, n_test_normal=12, n_test_per_defect=4, defect_scale=2.0
+    )
+    generate_synthetic_sem(out, params, seed=0)
+    return out

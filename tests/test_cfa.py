@@ -8,9 +8,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from vadbench.backbones import load_feature_extractor
-from vadbench.data.params import SyntheticSemParams
 from vadbench.data.source import ImageSource, TensorSource, float_batches
-from vadbench.data.synthetic_sem import generate_synthetic_sem
 from vadbench.models import create_model
 from vadbench.models.cfa import coupled_hypersphere_loss, kmeans, softmin_score, squared_distances
 
@@ -125,17 +123,6 @@ def test_fit_reduces_val_loss_and_moves_radius(backbone, toy_defect_data):
     assert report["val_loss"][report["best_epoch"]] < report["val_loss"][0]
     assert report["radius"] > 1e-3  # r starts at 1e-5 and is trained
     assert report["bank_centroids"] == 256 and report["feature_cache"]["train"] == "ram"
-
-
-@pytest.fixture(scope="module")
-def tiny_sem(tmp_path_factory):
-    out = tmp_path_factory.mktemp("sem") / "synthetic_sem"
-    # defects twice the default size: at 64 px a random backbone's 16×16 grid barely sees the default ones
-    params = SyntheticSemParams(
-        image_size=64, n_train=30, n_val=6, n_test_normal=12, n_test_per_defect=4, defect_scale=2.0
-    )
-    generate_synthetic_sem(out, params, seed=0)
-    return out
 
 
 def _evaluate(model, test):

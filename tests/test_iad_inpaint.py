@@ -8,9 +8,7 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from vadbench.data.params import SyntheticSemParams
 from vadbench.data.source import ImageSource, float_batches
-from vadbench.data.synthetic_sem import generate_synthetic_sem
 from vadbench.models import create_model, load_model
 from vadbench.models.iad_inpaint import DilatedInpaintNet, inpaint, random_box_masks, window_masks
 
@@ -155,16 +153,6 @@ def test_output_shapes_rgb_and_normalisation(tiny, toy_defect_data):
 def test_rejects_bad_params(bad):
     with pytest.raises(pydantic.ValidationError):
         create_model(NAME, **bad)
-
-
-@pytest.fixture(scope="module")
-def tiny_sem(tmp_path_factory):
-    out = tmp_path_factory.mktemp("sem") / "synthetic_sem"
-    params = SyntheticSemParams(
-        image_size=64, n_train=30, n_val=6, n_test_normal=12, n_test_per_defect=4, defect_scale=2.0
-    )
-    generate_synthetic_sem(out, params, seed=0)
-    return out
 
 
 def _evaluate(model, test) -> tuple[float, float]:
