@@ -227,8 +227,11 @@ def _format(err: ValidationError, prefix: str = "") -> list[str]:
     return lines
 
 
-def parse_params(raw: Any, source: str = "params.yaml") -> Params:
-    """Validate an already-loaded mapping; raise ParamsError listing every problem."""
+def parse_params(raw: Any, source: str = "params.yaml", check_models: bool = True) -> Params:
+    """Validate an already-loaded mapping; raise ParamsError listing every problem.
+
+    `check_models=False` skips the model/dataset/backbone name and per-model params checks (they import every
+    registered model): only for a mapping already known to pass them (`load_params`' validation record)."""
     if not isinstance(raw, dict):
         raise ParamsError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
     try:
@@ -237,7 +240,7 @@ def parse_params(raw: Any, source: str = "params.yaml") -> Params:
         # every problem at once: the type/range errors, plus the name checks that the raw mapping allows
         errors = _format(err) + [e for e in _check_names_raw(raw) if e not in _format(err)]
         raise ParamsError(f"{source} is invalid:\n  " + "\n  ".join(errors)) from None
-    errors = _check_names(params)
+    errors = _check_names(params) if check_models else []
     if errors:
         raise ParamsError(f"{source} is invalid:\n  " + "\n  ".join(errors))
     return params
@@ -259,10 +262,9 @@ def load_params(path: str | Path = "params.yaml", validated_cache: Path | None =
         raw = yaml.safe_load(text)
     except yaml.YAMLError as err:
         raise ParamsError(f"{path}: not valid YAML: {err}") from None
-    if key is not None and _read_text(validated_cache) == key and isinstance(raw, dict):
-        return Params.model_validate_json(json.dumps(raw))
-    params = parse_params(raw, str(path))
-    if key is not None:
+    known_valid = key is not None and _read_text(validated_cache) == key
+    params = parse_params(raw, str(path), check_models=not known_valid)
+    if key is not None and not known_valid:
         from vadbench.io import write_text  # atomic: a killed run leaves the old record or none
 
         write_text(Path(validated_cache), key)
