@@ -12,7 +12,7 @@ export OMP_NUM_THREADS ?= $(shell nproc 2>/dev/null || echo 2)
 # Spinning OpenMP waits made 2-thread training 5-10x slower whenever anything else ran (measured).
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: repro test test-fast lint verify validate install bench profile-paper profile-full clean-data help
+.PHONY: repro test test-fast lint verify validate install bench profile-paper profile-full clean-data prune-lock help
 
 help:
 	@echo "make repro          install (if needed), validate params.yaml, dvc repro"
@@ -20,6 +20,7 @@ help:
 	@echo "make test-fast      the suite without tests marked slow"
 	@echo "make lint           ruff check + ruff format --check (part of make test)"
 	@echo "make verify         small grid twice from clean: byte-identical outputs and dvc.lock (docs/CI.md)"
+	@echo "make prune-lock     drop dvc.lock entries of stages dvc.yaml no longer defines (commit it)"
 	@echo "make bench          run benchmarks/ (writes benchmarks/results/*.md)"
 	@echo "make profile-paper  switch params.yaml to the paper-scale profile (profiles/paper.yaml)"
 	@echo "make profile-full   switch params.yaml to every registered model at CPU budgets (profiles/full.yaml)"
@@ -56,6 +57,10 @@ test-fast: $(STAMP) plots-deps
 # two clean runs of a small grid must be byte-identical and agree with profiles/verify-locks/<machine kind>.lock
 verify: $(STAMP)
 	$(BIN)/python scripts/verify.py
+
+# DVC never drops lock entries of stages that left the grid; each stage rereads the whole lock
+prune-lock: $(STAMP)
+	$(BIN)/python scripts/prune_lock.py
 
 bench: $(STAMP)
 	@for f in benchmarks/bench_*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done

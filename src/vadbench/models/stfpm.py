@@ -19,6 +19,7 @@ from vadbench.backbones import FeatureExtractor, build_feature_net, pick
 from vadbench.data.source import as_source
 from vadbench.models.base import AnomalyModel, register_model
 from vadbench.models.components import trainer
+from vadbench.models.components.feature_cache import cache_splits, feature_cache_field
 from vadbench.models.components.map_normalization import MapNormalization, PositionalMapNorm
 from vadbench.models.components.patch_features import module_device
 from vadbench.models.components.trainer import LoopSettings, predict_maps
@@ -49,6 +50,7 @@ class STFPM(AnomalyModel):
             description="per_position: standardise each map position with validation normals' mean/std (not in the paper; "
             "undoes border artefacts of short training); none: the paper's raw maps",
         )
+        feature_cache_gb: float = feature_cache_field()
         seed: int = Field(0, ge=0)
 
     def __init__(self, backbone: FeatureExtractor, **params: Any) -> None:
@@ -65,16 +67,26 @@ class STFPM(AnomalyModel):
         self.student.to(module_device(backbone))
         self.map_norm = PositionalMapNorm(p.map_normalization)
 
-    def _pairs(self, images: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """images (B, C, H, W) → per layer (t̂, ŝ), each (B, C_l, h_l, w_l), unit-norm along channels."""
-        teacher = pick(self.backbone(images), self.p.layers)
+    def _teacher_targets(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """images (B, C, H, W) → [images, t_1, …, t_L]: the student's input with the frozen teacher's layers,
+        what the feature cache stores (the teacher is fixed and training has no augmentation)."""
+        return [images, *pick(self.backbone(images), self.p.layers)]
+
+    def _pairs_of(self, images: torch.Tensor, teacher: list[torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """images (B, C, H, W) and the teacher's layers → per layer (t̂, ŝ), each (B, C_l, h_l, w_l), unit-norm
+        along channels."""
         out = self.student(self.backbone.normalize(images))  # same input normalisation as the teacher
         student = pick(dict(zip(self._student_layers, out, strict=True)), self.p.layers)
         return [(F.normalize(t.float(), dim=1), F.normalize(s.float(), dim=1)) for t, s in zip(teacher, student)]
 
-    def loss(self, images: torch.Tensor) -> torch.Tensor:
-        """Σ_layers mean over batch and positions of ½‖t̂ − ŝ‖² (the paper's 1/(2·h·w) Σ‖·‖²)."""
-        return sum(0.5 * (t - s).pow(2).sum(1).mean() for t, s in self._pairs(images))
+    def _pairs(self, images: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return self._pairs_of(images, pick(self.backbone(images), self.p.layers))
+
+    def loss(self, batch: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+        """Σ_layers mean over batch and positions of ½‖t̂ − ŝ‖² (the paper's 1/(2·h·w) Σ‖·‖²). `batch`: images
+        (B, C, H, W), or [images, teacher layers…] from the feature cache."""
+        pairs = self._pairs(batch) if isinstance(batch, torch.Tensor) else self._pairs_of(batch[0], batch[1:])
+        return sum(0.5 * (t - s).pow(2).sum(1).mean() for t, s in pairs)
 
     def anomaly_maps(self, images: torch.Tensor) -> torch.Tensor:
         """images (B, C, H, W) → maps (B, H, W): layer maps upsampled to (H, W), multiplied or summed."""
@@ -93,23 +105,38 @@ class STFPM(AnomalyModel):
         """Train the student on a stream of normal images (the shared loop: seeded order, early stopping on
         the validation loss, best epoch kept), then fit the map normalisation on the validation stream."""
         p, device = self.p, module_device(self.backbone)
-        train, val = as_source(train), as_source(val) if val is not None else None
+        train = as_source(train)
+        val = as_source(val) if val is not None and len(val) > 0 else None
         self.map_norm.check_val(val, self.name)  # fail before training, not after
+        if len(train) == 0:
+            raise ValueError(f"{self.name}: the train split is empty")
         self.to(device)
         optimizer = torch.optim.SGD(
             self.student.parameters(), lr=p.lr, momentum=p.momentum, weight_decay=p.weight_decay
         )
-        report = trainer.train(
-            trainable=self.student,
-            optimizer=optimizer,
-            loss_fn=self.loss,
-            train=train,
-            val=val,
-            settings=LoopSettings(epochs=p.epochs, batch_size=p.batch_size, patience=p.patience, amp=p.amp),
-            generator=torch.Generator().manual_seed(p.seed),
-            device=device,
-            desc=self.name,
+        # the teacher runs once per image, not once per epoch: ~¼ of an epoch's work on CPU, and eval-mode
+        # features do not depend on the batch, so the student sees exactly the values it saw before
+        train_feats, val_feats = cache_splits(
+            self._teacher_targets, train, val, p.batch_size, device, p.feature_cache_gb
         )
+        try:
+            report = trainer.train(
+                trainable=self.student,
+                optimizer=optimizer,
+                loss_fn=self.loss,
+                train=train_feats,
+                val=val_feats,
+                settings=LoopSettings(epochs=p.epochs, batch_size=p.batch_size, patience=p.patience, amp=p.amp),
+                generator=torch.Generator().manual_seed(p.seed),
+                device=device,
+                desc=self.name,
+                batch_fn=train_feats.to_device,
+            )
+        finally:
+            train_feats.close()
+            if val_feats is not None:
+                val_feats.close()
+        report["feature_cache"] = {"train": train_feats.mode, "val": val_feats.mode if val_feats is not None else None}
         self.eval()
         self.map_norm.calibrate(self.anomaly_maps, val, p.batch_size, device, self.name)  # streamed, no_grad
         return report
