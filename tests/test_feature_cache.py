@@ -3,6 +3,7 @@ recomputation without disk; batches through the shared loader; the train/val bud
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -123,3 +124,15 @@ def test_cache_splits_share_one_budget(tmp_path, monkeypatch):
     t.close(), v.close()
     t, v = cache_splits(Features(), TensorSource(train), None, 4, torch.device("cpu"), 0.0)
     assert t.mode == "recompute" and v is None
+
+
+def test_cache_splits_close_both_caches_when_the_block_ends(tmp_path, monkeypatch):
+    monkeypatch.setattr(fc.tempfile, "gettempdir", lambda: str(tmp_path))
+    train, val = _images(6), _images(4)
+    with pytest.raises(RuntimeError, match="boom"):
+        with cache_splits(Features(), TensorSource(train), TensorSource(val), 4, torch.device("cpu"), 1e-9) as caches:
+            t, v = caches
+            assert (t.mode, v.mode) == ("disk", "disk") and list(tmp_path.iterdir()) == []  # unlinked once mapped
+            raise RuntimeError("boom")  # a failed fit still releases the maps
+    assert t.closed and v.closed
+    assert fc.cache_modes(t, v) == {"train": "disk", "val": "disk"} and fc.cache_modes(t, None)["val"] is None

@@ -34,7 +34,7 @@ from torch.utils.data import Dataset
 from vadbench.backbones import FeatureExtractor, pick
 from vadbench.data.source import as_source, loader
 from vadbench.models.base import AnomalyModel, register_model
-from vadbench.models.components.feature_cache import cache_splits, feature_cache_field
+from vadbench.models.components.feature_cache import cache_modes, cache_splits, feature_cache_field
 from vadbench.models.components.map_normalization import MapNormalization, PositionalMapNorm
 from vadbench.models.components.patch_features import locally_aware_embedding, module_device
 from vadbench.models.components.smoothing import upsample_and_smooth
@@ -250,10 +250,8 @@ class CFA(AnomalyModel):
         self.map_norm.check_val(val, self.name)  # fail before training, not after
         self.to(device)
         # frozen backbone, no augmentation: its features are extracted once, not every epoch
-        train_feats, val_feats = cache_splits(
-            self._cached_features, train, val, p.batch_size, device, p.feature_cache_gb
-        )
-        try:
+        with cache_splits(self._cached_features, train, val, p.batch_size, device, p.feature_cache_gb) as caches:
+            train_feats, val_feats = caches
             self.head.eval()
             bank_report = self.init_bank(train_feats.to_device(b, device)[0] for b in loader(train_feats, p.batch_size))
             params = [q for q in self.head.parameters() if q.requires_grad]
@@ -270,15 +268,11 @@ class CFA(AnomalyModel):
                 desc=self.name,
                 batch_fn=train_feats.to_device,
             )
-        finally:
-            train_feats.close()
-            if val_feats is not None:
-                val_feats.close()
         self.eval()
         self.map_norm.calibrate(self.anomaly_maps, val, p.batch_size, device, self.name)  # streamed, no_grad
         report.update(bank_report)
         report["radius"] = float(self.head.radius.detach())
-        report["feature_cache"] = {"train": train_feats.mode, "val": val_feats.mode if val_feats is not None else None}
+        report["feature_cache"] = cache_modes(train_feats, val_feats)
         return report
 
     @torch.no_grad()

@@ -27,7 +27,7 @@ from torch.utils.data import Dataset
 from vadbench.backbones import FeatureExtractor, pick
 from vadbench.data.source import as_source, loader
 from vadbench.models.base import AnomalyModel, register_model
-from vadbench.models.components.feature_cache import FeatureCache, cache_splits, feature_cache_field
+from vadbench.models.components.feature_cache import FeatureCache, cache_modes, cache_splits, feature_cache_field
 from vadbench.models.components.flows import AffineCouplingBlock, SequentialFlow, fc_subnet, gaussian_log_likelihood
 from vadbench.models.components.patch_features import module_device
 from vadbench.models.components.trainer import LoopSettings, OptimizerStep, autocast, predict_maps
@@ -185,8 +185,8 @@ class CFlow(AnomalyModel):
             return total, count  # the epoch's loss is the mean over its fiber steps
 
         # the encoder is frozen and there is no augmentation: features are extracted once, not every epoch
-        train_feats, val_feats = cache_splits(self._features, train, val, p.batch_size, device, p.feature_cache_gb)
-        try:
+        with cache_splits(self._features, train, val, p.batch_size, device, p.feature_cache_gb) as caches:
+            train_feats, val_feats = caches
             # 256-fiber steps are too small to split over threads: on 2 CPU cores one thread trains 1.7x faster
             # (3 epochs: 14.4 s → 8.3 s with OMP_WAIT_POLICY=PASSIVE); results are deterministic either way
             with intra_op_threads(1, device):
@@ -206,12 +206,8 @@ class CFlow(AnomalyModel):
                 )
                 self.eval()
                 self._set_reference(val_feats if val_feats is not None else train_feats, device)
-        finally:
-            train_feats.close()
-            if val_feats is not None:
-                val_feats.close()
         report["ref_log_prob"] = self.ref_log_prob.tolist()
-        report["feature_cache"] = {"train": train_feats.mode, "val": val_feats.mode if val_feats is not None else None}
+        report["feature_cache"] = cache_modes(train_feats, val_feats)
         return report
 
     @torch.no_grad()

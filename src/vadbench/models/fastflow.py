@@ -23,7 +23,7 @@ from torch.utils.data import Dataset
 from vadbench.backbones import FeatureExtractor, pick
 from vadbench.data.source import as_source
 from vadbench.models.base import AnomalyModel, register_model
-from vadbench.models.components.feature_cache import cache_splits, feature_cache_field
+from vadbench.models.components.feature_cache import cache_modes, cache_splits, feature_cache_field
 from vadbench.models.components.flows import AffineCouplingBlock, SequentialFlow, conv_subnet
 from vadbench.models.components.patch_features import module_device
 from vadbench.models.components.trainer import LoopSettings, autocast, predict_maps
@@ -114,8 +114,8 @@ class FastFlow(AnomalyModel):
         gen = torch.Generator().manual_seed(p.seed)
         optimizer = torch.optim.Adam(self.flows.parameters(), lr=p.lr, weight_decay=p.weight_decay)
         # the backbone is frozen and there is no augmentation: features are extracted once, not every epoch
-        train_feats, val_feats = cache_splits(self._features, train, val, p.batch_size, device, p.feature_cache_gb)
-        try:
+        with cache_splits(self._features, train, val, p.batch_size, device, p.feature_cache_gb) as caches:
+            train_feats, val_feats = caches
             report = train_loop(
                 trainable=self.flows,
                 optimizer=optimizer,
@@ -129,12 +129,8 @@ class FastFlow(AnomalyModel):
                 desc=self.name,
                 batch_fn=train_feats.to_device,
             )
-        finally:
-            train_feats.close()
-            if val_feats is not None:
-                val_feats.close()
         self.eval()
-        report["feature_cache"] = {"train": train_feats.mode, "val": val_feats.mode if val_feats is not None else None}
+        report["feature_cache"] = cache_modes(train_feats, val_feats)
         return report
 
     @torch.no_grad()

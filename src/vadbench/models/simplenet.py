@@ -30,7 +30,7 @@ from torch.utils.data import Dataset
 from vadbench.backbones import FeatureExtractor, pick
 from vadbench.data.source import as_source, loader
 from vadbench.models.base import AnomalyModel, register_model
-from vadbench.models.components.feature_cache import cache_splits, feature_cache_field
+from vadbench.models.components.feature_cache import cache_modes, cache_splits, feature_cache_field
 from vadbench.models.components.feature_discriminator import (
     FeatureAdaptor,
     FeatureNorm,
@@ -145,17 +145,17 @@ class SimpleNet(AnomalyModel):
             ]
         )
         trainable = nn.ModuleDict({"adaptor": self.adaptor, "discriminator": self.discriminator})
-        train_feats, val_feats = cache_splits(self._features, train, val, p.batch_size, device, p.feature_cache_gb)
+        with cache_splits(self._features, train, val, p.batch_size, device, p.feature_cache_gb) as caches:
+            train_feats, val_feats = caches
 
-        def val_loss() -> float:
-            # the same noise draws at every evaluation: epochs differ only by their weights
-            keep, self._noise = self._noise, torch.Generator().manual_seed(p.seed + _VAL_SEED_OFFSET)
-            try:
-                return mean_loss(self.loss, val_feats, p.batch_size, device, val_feats.to_device)
-            finally:
-                self._noise = keep
+            def val_loss() -> float:
+                # the same noise draws at every evaluation: epochs differ only by their weights
+                keep, self._noise = self._noise, torch.Generator().manual_seed(p.seed + _VAL_SEED_OFFSET)
+                try:
+                    return mean_loss(self.loss, val_feats, p.batch_size, device, val_feats.to_device)
+                finally:
+                    self._noise = keep
 
-        try:
             self.feature_norm.fit(train_feats.to_device(b, device)[0] for b in loader(train_feats, p.batch_size))
             report = train_loop(
                 trainable=trainable,
@@ -170,13 +170,9 @@ class SimpleNet(AnomalyModel):
                 batch_fn=train_feats.to_device,
                 val_loss=val_loss if val_feats is not None else None,
             )
-        finally:
-            train_feats.close()
-            if val_feats is not None:
-                val_feats.close()
         self.eval()
         self.map_norm.calibrate(self.anomaly_maps, val, p.batch_size, device, self.name)
-        report["feature_cache"] = {"train": train_feats.mode, "val": val_feats.mode if val_feats is not None else None}
+        report["feature_cache"] = cache_modes(train_feats, val_feats)
         report["steps_per_epoch"] = math.ceil(len(train) / p.batch_size)
         return report
 

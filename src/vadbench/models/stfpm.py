@@ -19,7 +19,7 @@ from vadbench.backbones import FeatureExtractor, build_feature_net, pick
 from vadbench.data.source import as_source
 from vadbench.models.base import AnomalyModel, register_model
 from vadbench.models.components import trainer
-from vadbench.models.components.feature_cache import cache_splits, feature_cache_field
+from vadbench.models.components.feature_cache import cache_modes, cache_splits, feature_cache_field
 from vadbench.models.components.map_normalization import MapNormalization, PositionalMapNorm
 from vadbench.models.components.patch_features import module_device
 from vadbench.models.components.trainer import LoopSettings, predict_maps
@@ -116,10 +116,8 @@ class STFPM(AnomalyModel):
         )
         # the teacher runs once per image, not once per epoch: ~¼ of an epoch's work on CPU, and eval-mode
         # features do not depend on the batch, so the student sees exactly the values it saw before
-        train_feats, val_feats = cache_splits(
-            self._teacher_targets, train, val, p.batch_size, device, p.feature_cache_gb
-        )
-        try:
+        with cache_splits(self._teacher_targets, train, val, p.batch_size, device, p.feature_cache_gb) as caches:
+            train_feats, val_feats = caches
             report = trainer.train(
                 trainable=self.student,
                 optimizer=optimizer,
@@ -132,11 +130,7 @@ class STFPM(AnomalyModel):
                 desc=self.name,
                 batch_fn=train_feats.to_device,
             )
-        finally:
-            train_feats.close()
-            if val_feats is not None:
-                val_feats.close()
-        report["feature_cache"] = {"train": train_feats.mode, "val": val_feats.mode if val_feats is not None else None}
+        report["feature_cache"] = cache_modes(train_feats, val_feats)
         self.eval()
         self.map_norm.calibrate(self.anomaly_maps, val, p.batch_size, device, self.name)  # streamed, no_grad
         return report

@@ -39,7 +39,7 @@ from torch.utils.data import Dataset
 from vadbench.backbones import FeatureExtractor, pick
 from vadbench.data.source import as_source, loader
 from vadbench.models.base import AnomalyModel, register_model
-from vadbench.models.components.feature_cache import cache_splits, feature_cache_field
+from vadbench.models.components.feature_cache import cache_modes, cache_splits, feature_cache_field
 from vadbench.models.components.feature_discriminator import (
     FeatureAdaptor,
     FeatureNorm,
@@ -215,16 +215,16 @@ class SuperSimpleNet(AnomalyModel):
         milestones = sorted({int(p.epochs * f) * steps for f in (0.8, 0.9)})
         scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=p.lr_gamma)
         trainable = nn.ModuleDict({"adaptor": self.adaptor, "seg_head": self.seg_head, "cls_head": self.cls_head})
-        train_feats, val_feats = cache_splits(self._features, train, val, p.batch_size, device, p.feature_cache_gb)
+        with cache_splits(self._features, train, val, p.batch_size, device, p.feature_cache_gb) as caches:
+            train_feats, val_feats = caches
 
-        def val_loss() -> float:
-            keep, self._gen = self._gen, torch.Generator().manual_seed(p.seed + _VAL_SEED_OFFSET)
-            try:
-                return mean_loss(self.loss, val_feats, p.batch_size, device, val_feats.to_device)
-            finally:
-                self._gen = keep
+            def val_loss() -> float:
+                keep, self._gen = self._gen, torch.Generator().manual_seed(p.seed + _VAL_SEED_OFFSET)
+                try:
+                    return mean_loss(self.loss, val_feats, p.batch_size, device, val_feats.to_device)
+                finally:
+                    self._gen = keep
 
-        try:
             self.feature_norm.fit(train_feats.to_device(b, device)[0] for b in loader(train_feats, p.batch_size))
             report = train_loop(
                 trainable=trainable,
@@ -240,12 +240,8 @@ class SuperSimpleNet(AnomalyModel):
                 val_loss=val_loss if val_feats is not None else None,
                 scheduler=scheduler,
             )
-        finally:
-            train_feats.close()
-            if val_feats is not None:
-                val_feats.close()
         self.eval()
-        report["feature_cache"] = {"train": train_feats.mode, "val": val_feats.mode if val_feats is not None else None}
+        report["feature_cache"] = cache_modes(train_feats, val_feats)
         report["steps_per_epoch"] = steps
         return report
 

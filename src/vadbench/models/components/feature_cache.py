@@ -40,7 +40,7 @@ import tempfile
 import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -239,6 +239,35 @@ class _threads:
             torch.set_num_threads(self.before)
 
 
+class SplitCaches(NamedTuple):
+    """The train and val caches of one fit: unpacks as ``(train, val)`` and closes both on leaving a
+    ``with`` block, so no model repeats the close-in-``finally`` dance::
+
+        with cache_splits(model._features, train, val, 16, device, 2.0) as (train_feats, val_feats):
+            report = train(..., train=train_feats, val=val_feats, batch_fn=train_feats.to_device)
+        report["feature_cache"] = cache_modes(train_feats, val_feats)
+    """
+
+    train: FeatureCache
+    val: FeatureCache | None
+
+    def close(self) -> None:
+        self.train.close()
+        if self.val is not None:
+            self.val.close()
+
+    def __enter__(self) -> SplitCaches:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def cache_modes(train: FeatureCache, val: FeatureCache | None) -> dict[str, str | None]:
+    """Where each split's features lived (``ram`` / ``disk`` / ``recompute``): the fit report's entry."""
+    return {"train": train.mode, "val": val.mode if val is not None else None}
+
+
 def cache_splits(
     features_fn: FeaturesFn,
     train: Dataset,
@@ -246,14 +275,14 @@ def cache_splits(
     batch_size: int,
     device: torch.device,
     budget_gb: float,
-) -> tuple[FeatureCache, FeatureCache | None]:
+) -> SplitCaches:
     """Train and val features under one RAM budget (val gets what train left); disk unless `budget_gb` is 0."""
     budget, disk = budget_gb * 2**30, budget_gb > 0
     train_feats = FeatureCache.build(
         features_fn, train, batch_size=batch_size, device=device, ram_bytes=budget, disk=disk
     )
     if val is None:
-        return train_feats, None
+        return SplitCaches(train_feats, None)
     try:
         val_feats = FeatureCache.build(
             features_fn, val, batch_size=batch_size, device=device, ram_bytes=budget - train_feats.ram_bytes, disk=disk
@@ -261,7 +290,7 @@ def cache_splits(
     except BaseException:
         train_feats.close()
         raise
-    return train_feats, val_feats
+    return SplitCaches(train_feats, val_feats)
 
 
 def feature_cache_field() -> Any:
