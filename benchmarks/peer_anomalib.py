@@ -64,7 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--backbones", nargs="+", default=["random"], choices=["random", "fractal"])
     ap.add_argument("--fractal-dir", type=Path, default=ROOT / "data/backbones/fractal")
     ap.add_argument("--runs", type=int, default=3, help="runs per side, alternating")
-    ap.add_argument("--epochs", type=int, default=5, help="epochs of every trained model, both sides")
+    ap.add_argument("--epochs", type=int, default=3, help="epochs of every trained model, both sides")
     ap.add_argument("--coreset-ratio", type=float, default=0.01, help="PatchCore, both sides (the paper's 1 %%)")
     ap.add_argument(
         "--patchcore-layers", nargs="+", default=["layer2", "layer3"], help="PatchCore, both sides (the paper's)"

@@ -2,7 +2,8 @@
 
     python benchmarks/peer/ours_child.py JOB.json
 
-JOB.json: {"dataset_dir", "backbone_dir", "image_size", "model", "hparams", "out_dir", "seed", "threads"}.
+JOB.json: {"dataset_dir", "backbone_dir", "image_size", "model", "hparams", "out_dir", "seed", "threads",
+"use_val" (default false: fit on train normals only, as the anomalib side)}.
 Writes out_dir/{scores.npy (N,), maps.npy (N, H, W) float32, run.json}; run.json holds fit_s, score_s,
 latency_ms (batch-1 median), fit_peak_mib (VmHWM after the fit) and peak_mib (VmHWM at the end: the
 whole process, imports and backbone included). Runs through the library's model API, exactly what the
@@ -50,7 +51,9 @@ def main(job_path: str) -> None:
     seed_everything(int(job["seed"]))
     backbone = load_feature_extractor(Path(job["backbone_dir"]), hp["layers"], device)
     model = create_model(name, backbone=backbone, **hp).to(device)
-    report = model.fit(train, val if len(val) else None)
+    # like anomalib here (no validation loader), no validation normals: no early stopping and no best-epoch
+    # restore, the last epoch is kept; no model in the comparison needs them otherwise (map normalisation is off)
+    report = model.fit(train, val if job.get("use_val") and len(val) else None)
     fit_s = time.perf_counter() - t0
     fit_peak = vm_hwm_mib()
     maps = np.zeros((len(test), size, size), np.float32)

@@ -82,7 +82,7 @@ def build_spec(name: str, params: dict[str, Any], arch: str, epochs: int, corese
         ours.update(epochs=epochs, patience=0, lr=0.4, momentum=0.9, weight_decay=0.001)
         ours.update(map_normalization="none", map_aggregation="product")
         peer = dict(backbone=arch, layers=list(ours["layers"]))
-        notes = ("ours still computes a validation loss per epoch (its early-stopping hook; patience 0 ignores it)",)
+        notes = ("none known beyond the random student init (each library's own RNG)",)
         return ModelSpec(name, ours, peer, epochs, notes)
     if name == "fastflow":
         ours.update(epochs=epochs, patience=0, lr=0.001, weight_decay=0.00001)
