@@ -20,7 +20,9 @@ Protocol, per dataset × backbone × model:
   backbone card's mean/std on both sides;
 * runs alternate ours, anomalib, ours, … (`--runs` each), every run a fresh process (peak RSS = that run's VmHWM,
   imports included); medians with min–max;
-* trained models run `--epochs` epochs on both sides, no early stopping;
+* trained models run `--epochs` epochs on both sides; neither side sees validation normals (anomalib's Folder
+  gets no validation loader, ours fits with `val=None`): no early stopping, no best-epoch restore, last epoch kept;
+  fit time per epoch is the whole fit (backbone build included) divided by the epochs;
 * both sides dump raw test scores and maps; the metrics are computed here with OUR metric code on both, on the
   full test set (anomalib's Folder default would move half of it into validation: `val_split_mode="none"`);
   anomalib's own AUPRO is computed on the identical maps of each side and its difference reported;
