@@ -74,6 +74,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads, both sides")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quick", action="store_true", help=f"smoke check: {QUICK}")
+    ap.add_argument(
+        "--report-only", action="store_true", help="run nothing: tables from the run folders already under --work"
+    )
     ap.add_argument("--peer-python", type=Path, default=ROOT / ".venv-peer/bin/python")
     ap.add_argument("--work", type=Path, default=ROOT / "build/peer")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/peer_anomalib.md")
@@ -157,6 +160,15 @@ def bench_model(
     spec = build_spec(name, params, card["arch"], args.epochs, args.coreset_ratio)
     runs: dict[str, list[dict[str, Any]]] = {"ours": [], "anomalib": []}
     base = args.work / "runs" / f"{dataset_dir.name}-{bb_dir.name}-{name}"
+    if args.report_only:  # an interrupted run's finished runs, in their order
+        done = sorted(d for d in base.glob("*-*") if (d / "run.json").is_file())
+        sides = [d.name.split("-", 1)[1] for d in done]
+        for d, side in zip(done, sides):
+            rec = score_run(d, data) if (d / "maps.npy").is_file() or not data["has_pixel_gt"] else _stored(d)
+            if spec.epochs:
+                rec["fit_s_per_epoch"] = rec["fit_s"] / spec.epochs
+            runs[side].append(rec)
+        return runs, [], spec.mismatches
     shutil.rmtree(base, ignore_errors=True)
     for i, side in enumerate(report.alternation(args.runs)):
         run_dir = base / f"{i:02d}-{side}"
@@ -178,6 +190,7 @@ def bench_model(
         run_child(cmd, child_env(side == "anomalib"), f"{side} {name} run {i}")
         rec = score_run(run_dir, data)
         rec["load1"] = load
+        (run_dir / "record.json").write_text(json.dumps({k: v for k, v in rec.items() if k != "paths"}))
         if spec.epochs:
             rec["fit_s_per_epoch"] = rec["fit_s"] / spec.epochs
         runs[side].append(rec)
@@ -198,6 +211,11 @@ def bench_model(
         for d in base.glob(f"*-{side}"):
             (d / "maps.npy").unlink(missing_ok=True)
     return runs, aupro_rows, spec.mismatches
+
+
+def _stored(run_dir: Path) -> dict[str, Any]:
+    """A finished run's record (written once its metrics were computed; its maps may be gone)."""
+    return json.loads((run_dir / "record.json").read_text())
 
 
 def _peer_args(name: str) -> set[str]:
@@ -290,6 +308,15 @@ def write(args: argparse.Namespace, sections: list[list[str]], started: float, l
         f"Machine: {machine()}; ours: torch {torch.__version__}, {args.threads} threads on both sides. "
         f"Wall time {minutes:.1f} min; load average at start {load0[0]:.1f}/{load0[1]:.1f}/{load0[2]:.1f}, "
         f"at end {load1[0]:.1f}/{load1[1]:.1f}/{load1[2]:.1f} (1/5/15 min).",
+        *(
+            [
+                "**Rebuilt with --report-only from the finished runs of an interrupted invocation: wall time and load "
+                "below are this rebuild's; the runs' own loads are in their record.json.**",
+                "",
+            ]
+            if args.report_only
+            else []
+        ),  # fmt: skip
         f"Runs per side: {args.runs} (alternating); trained models: {args.epochs} epochs on both sides. "
         "Cells: median (min–max); ratios of medians; accuracy differences in AUROC points.",
         "",

@@ -82,8 +82,11 @@ def test_specs_share_hyperparameters():
     assert pc.peer["coreset_sampling_ratio"] == pc.ours["coreset_ratio"] == 0.01
     assert pc.peer["layers"] == pc.ours["layers"] and pc.epochs is None
     st = build_spec("stfpm", params["stfpm"], "resnet18", 4, None)
-    # anomalib hard-codes SGD weight decay 1e-3 and no early stopping: ours follows
-    assert st.ours["weight_decay"] == 0.001 and st.ours["patience"] == 0 and st.ours["epochs"] == st.epochs == 4
+    # anomalib hard-codes SGD lr 0.4, weight decay 1e-3 on a loss summed over the batch, no early stopping: ours
+    # (a batch-mean loss) follows with lr × B and weight decay ÷ B, the same SGD steps
+    b = st.ours["batch_size"]
+    assert st.ours["lr"] == pytest.approx(0.4 * b) and st.ours["weight_decay"] == pytest.approx(0.001 / b)
+    assert st.ours["patience"] == 0 and st.ours["epochs"] == st.epochs == 4
     for name in DEFAULT_MODELS:
         spec = build_spec(name, params[name], "resnet18", 2, 0.01)
         assert spec.peer["backbone"] == "resnet18" and name in PEER_CLASS and spec.mismatches

@@ -78,11 +78,19 @@ def build_spec(name: str, params: dict[str, Any], arch: str, epochs: int, corese
         notes = ("the random channel subset is drawn by each library's own RNG: same size, other channels",)
         return ModelSpec(name, ours, peer, None, notes)
     if name == "stfpm":
-        # anomalib: SGD lr 0.4, momentum 0.9, weight decay 1e-3, raw product of the per-layer maps, no early stop
-        ours.update(epochs=epochs, patience=0, lr=0.4, momentum=0.9, weight_decay=0.001)
+        # anomalib: SGD lr 0.4, momentum 0.9, weight decay 1e-3, raw product of the per-layer maps, no early stop.
+        # Its loss SUMS over the batch (MSELoss(reduction="sum") · 0.5/(h·w)); ours averages. With SGD that makes
+        # anomalib's steps batch_size× ours: lr × B and weight decay ÷ B on our side give the same SGD trajectory
+        # (momentum buffer = anomalib's / B, update identical), so both run anomalib's effective recipe.
+        b = int(ours["batch_size"])
+        ours.update(epochs=epochs, patience=0, lr=0.4 * b, momentum=0.9, weight_decay=0.001 / b)
         ours.update(map_normalization="none", map_aggregation="product")
         peer = dict(backbone=arch, layers=list(ours["layers"]))
-        notes = ("none known beyond the random student init (each library's own RNG)",)
+        notes = (
+            f"anomalib's loss sums over the batch, ours averages: ours runs at lr 0.4×{b} and weight decay 0.001/{b}, "
+            "the same SGD trajectory (a last partial batch still differs: anomalib's sum shrinks with it)",
+            "the random student init comes from each library's own RNG",
+        )
         return ModelSpec(name, ours, peer, epochs, notes)
     if name == "fastflow":
         ours.update(epochs=epochs, patience=0, lr=0.001, weight_decay=0.00001)
