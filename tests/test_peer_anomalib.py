@@ -71,7 +71,7 @@ def test_targets_flag_misses():
 
 def test_aupro_table_reports_difference():
     lines = report.aupro_table([{"model": "padim", "side": "ours", "ours_aupro": 0.5, "anomalib_aupro": 0.52}])
-    assert lines[-1].endswith("| +0.0200 |")
+    assert lines[-1].endswith("| +2.0e-02 |")
 
 
 def test_specs_share_hyperparameters():

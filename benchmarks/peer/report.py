@@ -90,7 +90,7 @@ def aupro_table(rows: list[dict[str, Any]]) -> list[str]:
     ]
     for r in rows:
         a, b = r.get("ours_aupro"), r.get("anomalib_aupro")
-        diff = f"{b - a:+.4f}" if a is not None and b is not None else "n/a"
+        diff = f"{b - a:+.1e}" if a is not None and b is not None else "n/a"
         fa = f"{a:.4f}" if a is not None else "n/a"
         fb = f"{b:.4f}" if b is not None else "n/a"
         lines.append(f"| {r['model']} | {r['side']} | {fa} | {fb} | {diff} |")
