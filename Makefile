@@ -12,7 +12,7 @@ export OMP_NUM_THREADS ?= $(shell nproc 2>/dev/null || echo 2)
 # Spinning OpenMP waits made 2-thread training 5-10x slower whenever anything else ran (measured).
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: repro test test-fast lint verify validate install bench profile-paper profile-full clean-data prune-lock help
+.PHONY: repro test test-fast lint verify validate install bench peer-env peer-bench profile-paper profile-full clean-data prune-lock help
 
 help:
 	@echo "make repro          install (if needed), validate params.yaml, dvc repro"
@@ -22,6 +22,8 @@ help:
 	@echo "make verify         small grid twice from clean: byte-identical outputs and dvc.lock (docs/CI.md)"
 	@echo "make prune-lock     drop dvc.lock entries of stages dvc.yaml no longer defines (commit it)"
 	@echo "make bench          run benchmarks/ (writes benchmarks/results/*.md)"
+	@echo "make peer-env       .venv-peer: anomalib (pyproject's [peer] pins) in its own interpreter"
+	@echo "make peer-bench     benchmarks/peer_anomalib.py: vadbench vs anomalib side by side"
 	@echo "make profile-paper  switch params.yaml to the paper-scale profile (profiles/paper.yaml)"
 	@echo "make profile-full   switch params.yaml to every registered model at CPU budgets (profiles/full.yaml)"
 	@echo "make plots-deps     chromium + pinned vega builds: offline dvc plots show page and its test"
@@ -64,6 +66,21 @@ prune-lock: $(STAMP)
 
 bench: $(STAMP)
 	@for f in benchmarks/bench_*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done
+
+# anomalib for benchmarks/peer_anomalib.py in its own interpreter: the [peer] extra's pins, without our package
+PEER_VENV := .venv-peer
+PEER_STAMP := $(PEER_VENV)/.installed
+$(PEER_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(PEER_VENV)
+	$(PEER_VENV)/bin/python -m pip install --quiet torch==2.14.1 torchvision==0.29.1 timm==1.0.31 numpy==2.4.6
+	$(PEER_VENV)/bin/python -m pip install --quiet $$($(PYTHON) -c "import tomllib; \
+		print(' '.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['optional-dependencies']['peer']))")
+	@touch $(PEER_STAMP)
+
+peer-env: $(PEER_STAMP)
+
+peer-bench: $(STAMP) $(PEER_STAMP)
+	$(BIN)/python benchmarks/peer_anomalib.py
 
 profile-paper: $(STAMP)
 	$(BIN)/vadbench profile paper

@@ -1,0 +1,1 @@
+"""Helpers of benchmarks/peer_anomalib.py (the peer benchmark against anomalib)."""

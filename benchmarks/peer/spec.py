@@ -1,0 +1,133 @@
+"""Which model runs how on each side: our hyperparameters, anomalib's arguments, and what still differs.
+
+Pure python (no torch, no anomalib): the parent, both children and the tests import it.
+
+Our side starts from params.yaml's `models.<name>` section; where anomalib hard-codes a value that we expose
+as a parameter (STFPM's weight decay, RD's learning rate, …) ours is moved to anomalib's value, so both sides
+run the same recipe. What cannot be aligned is listed in `ModelSpec.mismatches` and printed in the results.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+# params.yaml's model names; anomalib's class names under `anomalib.models`
+PEER_CLASS = {
+    "patchcore": "Patchcore",
+    "padim": "Padim",
+    "stfpm": "Stfpm",
+    "fastflow": "Fastflow",
+    "reverse_distillation": "ReverseDistillation",
+    "cflow": "Cflow",
+    "efficientad_s": "EfficientAd",
+}
+DEFAULT_MODELS = ("patchcore", "padim", "stfpm", "fastflow", "reverse_distillation", "cflow")
+# run only on request: see UNSUPPORTED
+ALL_MODELS = (*DEFAULT_MODELS, "efficientad_s")
+UNSUPPORTED = {
+    "efficientad_s": (
+        "anomalib's EfficientAd downloads its pretrained PDN teacher (and ImageNette for the penalty) from the "
+        "internet at fit time; there is no constructor argument for a local teacher, and ours is distilled from our "
+        "own backbone (stage distill). Not comparable offline on equal weights: not run."
+    ),
+}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model on both sides.
+
+    ours: hyperparameters for `vadbench.models.create_model` (params.yaml values with the overrides applied);
+    peer: keyword arguments of anomalib's Lightning module (besides pre/post-processor, evaluator, visualizer);
+    epochs: trainer epochs on both sides (None: a one-pass model); mismatches: what still differs.
+    """
+
+    name: str
+    ours: dict[str, Any]
+    peer: dict[str, Any]
+    epochs: int | None
+    mismatches: tuple[str, ...] = field(default_factory=tuple)
+
+
+def build_spec(name: str, params: dict[str, Any], arch: str, epochs: int, coreset_ratio: float | None) -> ModelSpec:
+    """`params`: params.yaml's `models.<name>` section; `epochs`: for every trained model, both sides."""
+    if name in UNSUPPORTED:
+        raise ValueError(f"{name}: {UNSUPPORTED[name]}")
+    if name not in PEER_CLASS:
+        raise ValueError(f"no anomalib counterpart for {name!r}; choose from {sorted(PEER_CLASS)}")
+    ours = {k: v for k, v in params.items() if k != "seed"}
+    if name == "patchcore":
+        if coreset_ratio is not None:
+            ours["coreset_ratio"] = coreset_ratio
+        ours.update(memory_budget_gb=8.0)  # single pass, as anomalib (the budget only matters at scale)
+        peer = dict(
+            backbone=arch,
+            layers=list(ours["layers"]),
+            coreset_sampling_ratio=ours["coreset_ratio"],
+            num_neighbors=ours["num_neighbors"],
+        )
+        notes = (
+            "coreset: ours projects to 128 dims (JL) and takes the best of 10 random starts; anomalib's KCenterGreedy "
+            "uses SparseRandomProjection(eps=0.9) and one random start: same ratio, different picks",
+            f"ours neighborhood {ours['neighborhood']}, σ={ours['sigma']}; anomalib AvgPool 3×3, Gaussian σ=4 (same)",
+        )
+        return ModelSpec(name, ours, peer, None, notes)
+    if name == "padim":
+        peer = dict(backbone=arch, layers=list(ours["layers"]), n_features=ours["n_features"])
+        notes = ("the random channel subset is drawn by each library's own RNG: same size, other channels",)
+        return ModelSpec(name, ours, peer, None, notes)
+    if name == "stfpm":
+        # anomalib: SGD lr 0.4, momentum 0.9, weight decay 1e-3, raw product of the per-layer maps, no early stop.
+        # Its loss SUMS over the batch (MSELoss(reduction="sum") · 0.5/(h·w)); ours averages. With SGD that makes
+        # anomalib's steps batch_size× ours: lr × B and weight decay ÷ B on our side give the same SGD trajectory
+        # (momentum buffer = anomalib's / B, update identical), so both run anomalib's effective recipe.
+        b = int(ours["batch_size"])
+        ours.update(epochs=epochs, patience=0, lr=0.4 * b, momentum=0.9, weight_decay=0.001 / b)
+        ours.update(map_normalization="none", map_aggregation="product")
+        peer = dict(backbone=arch, layers=list(ours["layers"]))
+        notes = (
+            f"anomalib's loss sums over the batch, ours averages: ours runs at lr 0.4×{b} and weight decay 0.001/{b}, "
+            "the same SGD trajectory (a last partial batch still differs: anomalib's sum shrinks with it)",
+            "the random student init comes from each library's own RNG",
+        )
+        return ModelSpec(name, ours, peer, epochs, notes)
+    if name == "fastflow":
+        ours.update(epochs=epochs, patience=0, lr=0.001, weight_decay=0.00001)
+        peer = dict(
+            backbone=arch,
+            flow_steps=ours["flow_steps"],
+            conv3x3_only=ours["conv3x3_only"],
+            hidden_ratio=ours["hidden_ratio"],
+        )
+        notes = (
+            f"anomalib hard-codes resnet18's layers (layer1-3); ours uses {ours['layers']}",
+            "ours caches the frozen features once (feature_cache_gb); anomalib recomputes them every epoch",
+        )
+        return ModelSpec(name, ours, peer, epochs, notes)
+    if name == "reverse_distillation":
+        # anomalib: Adam lr 0.005, betas (0.5, 0.99), summed maps (mode ADD), σ=4
+        ours.update(epochs=epochs, patience=0, lr=0.005, beta1=0.5, beta2=0.99, map_normalization="none")
+        peer = dict(backbone=arch, layers=list(ours["layers"]))
+        notes = (
+            f"decoder: ours {ours['blocks']} residual blocks per stage; anomalib's de_resnet18 uses its BasicBlock "
+            "layout (2 per stage); bottleneck layouts differ in detail",
+        )
+        return ModelSpec(name, ours, peer, epochs, notes)
+    # cflow
+    ours.update(epochs=epochs, patience=0)
+    peer = dict(
+        backbone=arch,
+        layers=list(ours["layers"]),
+        fiber_batch_size=ours["fiber_batch_size"],
+        condition_vector=ours["condition_vector"],
+        coupling_blocks=ours["coupling_blocks"],
+        clamp_alpha=ours["clamp"],
+        permute_soft=ours["soft_permutation"],
+        lr=ours["lr"],
+    )
+    notes = (
+        "an epoch: ours is one pass over all fibers; anomalib's is one pass over the images with one optimiser step "
+        "per fiber batch of each image batch (the same fibers, grouped differently)",
+    )
+    return ModelSpec(name, ours, peer, epochs, notes)
