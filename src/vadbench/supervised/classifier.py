@@ -69,13 +69,35 @@ class _Balanced(Dataset):
         return self.source[self.order[i]]
 
 
-def body_stages(net: nn.Module) -> list[nn.Module]:
-    """The body's top-level children that hold parameters, in network order (the classifier excluded)."""
-    head = net.get_classifier()
-    return [m for m in net.children() if m is not head and any(True for _ in m.parameters())]
+class StageClassifier(nn.Module):
+    """A timm body up to `stage` (``features_only``) → global pooling → dropout → one logit.
+
+    The head may sit on an earlier stage than the last (`ClassifierParams.stage`): on the weak backbones of
+    this benchmark (random init, fractal weights pretrained at 56 px) the last stage's pooled features are
+    near chance even for obvious defects, while layer3's are not (docs/MODELS.md)."""
+
+    def __init__(self, body: nn.Module, channels: int, pool: str, dropout: float) -> None:
+        super().__init__()
+        from timm.layers import SelectAdaptivePool2d
+
+        self.body = body
+        self.pool = SelectAdaptivePool2d(pool_type=pool, flatten=True)
+        self.drop = nn.Dropout(dropout)
+        self.fc = nn.Linear(channels * self.pool.feat_mult(), 1)
+
+    def get_classifier(self) -> nn.Module:
+        return self.fc
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.drop(self.pool(self.body(x)[-1])))
 
 
-def discriminative_groups(net: nn.Module, lr: float, ratio: float, weight_decay: float) -> list[dict[str, Any]]:
+def body_stages(net: StageClassifier) -> list[nn.Module]:
+    """The body's top-level children that hold parameters, in network order (resnet: conv1, bn1, layer1…)."""
+    return [m for m in net.body.children() if any(True for _ in m.parameters())]
+
+
+def discriminative_groups(net: StageClassifier, lr: float, ratio: float, weight_decay: float) -> list[dict[str, Any]]:
     """One AdamW param group per body stage, lr geometric from lr·ratio (first) to lr (last); head at lr."""
     stages = body_stages(net)
     n = len(stages)
@@ -91,23 +113,13 @@ def discriminative_groups(net: nn.Module, lr: float, ratio: float, weight_decay:
     return groups
 
 
-def build_net(arch: str, dropout: float, pool: str = "avg", weights: Path | None = None) -> nn.Module:
-    """timm `arch` with a fresh one-logit head; `weights` (a body state dict file) loaded into the body."""
-    import timm
-    from safetensors.torch import load_file
+def build_net(arch: str, stage: str, dropout: float, pool: str = "avg", weights: Path | None = None) -> StageClassifier:
+    """timm `arch` up to `stage` with a fresh one-logit head; `weights` (a body state dict file) loaded into the
+    body (the weight source's classifier is dropped by timm's features_only loading)."""
+    from vadbench.backbones import build_feature_net
 
-    net = timm.create_model(arch, pretrained=False, num_classes=1, drop_rate=dropout, global_pool=pool)
-    if weights is not None:
-        state = load_file(str(weights))
-        head = net.pretrained_cfg.get("classifier", "fc")
-        body = {k: v for k, v in state.items() if not k.startswith(f"{head}.")}
-        missing, unexpected = net.load_state_dict(body, strict=False)
-        missing = [k for k in missing if not k.startswith(f"{head}.")]
-        if missing or unexpected:
-            raise ValueError(
-                f"{weights}: weights do not fit {arch!r} (missing {missing[:5]}, unexpected {unexpected[:5]})"
-            )
-    return net
+    body = build_feature_net(arch, [stage], weights)
+    return StageClassifier(body, body.feature_info.channels()[-1], pool, dropout)
 
 
 class TransferClassifier(nn.Module):
@@ -126,7 +138,7 @@ class TransferClassifier(nn.Module):
         self.arch = arch
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.p.seed)  # the new head's init
-            self.net = build_net(arch, self.p.dropout, self.p.pool, weights)
+            self.net = build_net(arch, self.p.stage, self.p.dropout, self.p.pool, weights)
         self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("view_threshold", torch.tensor(0.5))
