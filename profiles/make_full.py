@@ -14,6 +14,7 @@ from pathlib import Path
 import yaml
 
 from vadbench.models import model_class, model_names
+from vadbench.supervised.params import SUPERVISED_METHODS
 
 ROOT = Path(__file__).resolve().parents[1]
 HEADER = """\
@@ -27,6 +28,7 @@ def full(p: dict) -> dict:
     names = model_names()
     p["run"]["models"] = [n for n in names if model_class(n).needs_backbone]
     p["run"]["pixel_models"] = [n for n in names if not model_class(n).needs_backbone]
+    p["run"]["supervised_models"] = list(SUPERVISED_METHODS)  # the supervised track, its own leaderboard section
     return p
 
 

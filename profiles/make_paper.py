@@ -10,6 +10,7 @@ from pathlib import Path
 import yaml
 
 from vadbench.models import model_class, model_names
+from vadbench.supervised.params import SUPERVISED_METHODS
 
 ROOT = Path(__file__).resolve().parents[1]
 MVTEC = (
@@ -47,6 +48,7 @@ def paper(p: dict) -> dict:
         "pixel_models": [n for n in model_names() if not model_class(n).needs_backbone],
         "backbones": ["random", "fractal", "imagenet"],
         "seeds": [0, 1, 2],
+        "supervised_models": list(SUPERVISED_METHODS),  # k-fold over labelled anomalies, its own section
     }
     p["fractals"].update(num_classes=1000, instances_per_class=1000, image_size=362, points=200_000, pad=6, workers=16)
     p["pretrain"].update(
@@ -95,6 +97,30 @@ def paper(p: dict) -> dict:
     m["simplenet"].update(embed_dim=1536, epochs=160, batch_size=8, feature_norm="none", noise_std=0.015)
     m["supersimplenet"].update(
         upscale=2.0, hidden_dim=1024, cls_channels=128, epochs=300, batch_size=32, feature_norm="none", noise_std=0.015
+    )
+    # the supervised track. The semiconductor report's classifier: resnet34 body (set `backbones` to resnet34 for a
+    # literal run; here the grid's backbones), head first, then all layers with layer-wise rates, 8-view TTA with a
+    # majority vote; it publishes no epoch counts or rates: ours, in fastai fine_tune's style (body rates spread 100×)
+    p["supervised"]["classifier"].update(
+        stage1_epochs=5,
+        stage2_epochs=20,
+        batch_size=32,
+        stage1_lr=1e-3,
+        stage2_lr=1e-4,
+        body_lr_ratio=0.01,
+        stage="layer4",
+        tta="vote",
+    )
+    # SuperSimpleNet's supervised setting: its unsupervised paper values, with stop_grad off
+    p["supervised"]["supersimplenet_supervised"] = dict(
+        upscale=2.0,
+        hidden_dim=1024,
+        cls_channels=128,
+        epochs=300,
+        batch_size=32,
+        feature_norm="none",
+        noise_std=0.015,
+        stop_grad=False,
     )
     m["cfa"].update(epochs=30, patience=0)  # the rest of models.cfa is the paper's already (K = J = 3, γ = 1, AdamW)
     # the reference trains the WGAN for ~10⁴–10⁵ generator iterations and the encoder for 50k; with ~300 normals

@@ -17,6 +17,8 @@ def run(params: Params) -> None:
         reports_dir=layout.REPORTS,
         measured_dir=layout.MEASURED,
         report_page=layout.REPORT_PAGE,
+        supervised_cells=[Cell(d, m, b, params.backbones[b].init) for d, m, b in params.run.supervised_cells()],
+        supervised_dir=layout.SUPERVISED,
     )
 
 

@@ -19,6 +19,7 @@ from vadbench.data.params import DatasetSpec
 from vadbench.fractals.params import FractalsParams
 from vadbench.pretrain.params import PretrainParams
 from vadbench.schema import StrictModel
+from vadbench.supervised.params import SUPERVISED_METHODS, SupervisedParams
 
 
 class ParamsError(ValueError):
@@ -40,10 +41,13 @@ class RunGrid(StrictModel):
     seeds: list[int] = Field(
         [0], min_length=1, description="one fit per seed per cell; the leaderboard shows mean ± std"
     )
+    supervised_models: list[str] = Field(
+        [], description="supervised track (k-fold over labelled anomalies): one cell per dataset × backbone"
+    )
 
     @model_validator(mode="after")
     def _unique(self) -> RunGrid:
-        for key in ("datasets", "models", "pixel_models", "backbones", "seeds"):
+        for key in ("datasets", "models", "pixel_models", "backbones", "seeds", "supervised_models"):
             values = getattr(self, key)
             if len(set(values)) != len(values):
                 raise ValueError(f"run.{key} lists a name twice: {values}")
@@ -55,6 +59,10 @@ class RunGrid(StrictModel):
         """Every (dataset, model, backbone) the pipeline fits and scores, in dvc.yaml's order."""
         on_backbones = [(d, m, b) for d in self.datasets for m in self.models for b in self.backbones]
         return on_backbones + [(d, m, NO_BACKBONE) for d in self.datasets for m in self.pixel_models]
+
+    def supervised_cells(self) -> list[tuple[str, str, str]]:
+        """Every (dataset, supervised method, backbone) of the supervised track, in dvc.yaml's order."""
+        return [(d, m, b) for d in self.datasets for m in self.supervised_models for b in self.backbones]
 
 
 class BackboneSpec(StrictModel):
@@ -125,6 +133,7 @@ class Params(StrictModel):
     score: ScoreParams = ScoreParams()
     aggregate: AggregateParams = AggregateParams()
     distill: DistillParams = DistillParams()  # EfficientAD's teacher (stage distill)
+    supervised: SupervisedParams = SupervisedParams()  # the supervised track (stage supervised)
 
     def model_params(self, name: str) -> BaseModel:
         """The validated params object of model `name` (its class's `Params`)."""
@@ -159,6 +168,7 @@ def _check_names(p: Params) -> list[str]:
             p.model_params(name)
         except ValidationError as err:
             errors.extend(_format(err, prefix=f"models.{name}"))
+    errors += _check_supervised(p)
     if NO_BACKBONE in p.backbones:
         errors.append(f"backbones.{NO_BACKBONE}: the name is reserved for the cells of run.pixel_models")
     for name in p.run.backbones:
@@ -176,6 +186,30 @@ def _check_names(p: Params) -> list[str]:
                     f"{where}: name {name!r} must match {NAME_PATTERN.pattern} (letters, digits, underscore: "
                     "it becomes a DVC stage name, a path and a command argument)"
                 )
+    return errors
+
+
+def _check_supervised(p: Params) -> list[str]:
+    """run.supervised_models names, and the supervised methods' params (SuperSimpleNet's by its own class)."""
+    errors = []
+    for name in getattr(p.run, "supervised_models", []):
+        if name not in SUPERVISED_METHODS:
+            errors.append(f"run.supervised_models: unknown method {name!r}; available: {list(SUPERVISED_METHODS)}")
+    sup = getattr(p, "supervised", None)
+    if sup is None:
+        return errors
+    if "seed" in sup.classifier.model_fields_set:
+        errors.append("supervised.classifier.seed: set seeds with run.seeds, not per method")
+    ssn = sup.supersimplenet_supervised
+    if "seed" in ssn:
+        errors.append("supervised.supersimplenet_supervised.seed: set seeds with run.seeds, not per method")
+    else:
+        from vadbench.models import model_class
+
+        try:
+            model_class("supersimplenet").Params.model_validate_json(json.dumps(ssn))
+        except ValidationError as err:
+            errors.extend(_format(err, prefix="supervised.supersimplenet_supervised"))
     return errors
 
 

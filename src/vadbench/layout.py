@@ -45,3 +45,19 @@ def teacher_dir(model: str, backbone: str) -> Path:
     """Output of stage distill@<model>-<backbone>: ``teacher.pt`` + ``card.json`` (only ``card.json`` for a
     model without a teacher)."""
     return TEACHERS / f"{model}-{backbone}"
+
+
+#: the supervised track (stage supervised@<dataset>-<method>-<backbone>): folds' models, pooled scores, metrics.
+#: Under SCORES so that `aggregate`, which depends on data/scores, runs after it without a dependency on a path
+#: that does not exist when run.supervised_models is empty (the default)
+SUPERVISED = SCORES / "supervised"
+
+
+def supervised_dir(dataset: str, method: str, backbone: str) -> Path:
+    """Output of one supervised cell: ``fold-<f>/{model.pt, fit.json}``, ``scores.csv``, ``metrics.json``."""
+    return SUPERVISED / f"{dataset}-{method}-{backbone}"
+
+
+def measured_supervised(root: Path, cell: str) -> Path:
+    """Per-fold fit/score seconds and peak memory of one supervised cell."""
+    return Path(root) / "supervised" / f"{cell}.json"

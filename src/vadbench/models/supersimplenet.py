@@ -183,9 +183,13 @@ class SuperSimpleNet(AnomalyModel):
 
     def loss(self, feats: list[torch.Tensor]) -> torch.Tensor:
         """Truncated L1 + focal on the map, focal on the image logit, over the duplicated batch."""
+        return self.target_loss(*self.synthetic_anomalies(self.adaptor(self.feature_norm(feats[0]))))
+
+    def target_loss(self, adapted: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The paper's loss of adapted features (B, D, h, w) against pixel masks (B, 1, h, w) and image labels
+        (B,): synthetic targets (unsupervised), or real ones too (`vadbench.supervised.supersimplenet`)."""
         p = self.p
-        noisy, masks, labels = self.synthetic_anomalies(self.adaptor(self.feature_norm(feats[0])))
-        seg, logit = self.heads(noisy)
+        seg, logit = self.heads(adapted)
         anomalous = masks > 0
         # the map is high where anomalous: negate it into truncated_l1's "normal high" convention
         l1 = truncated_l1(-seg[~anomalous], -seg[anomalous], p.margin)

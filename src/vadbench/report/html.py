@@ -78,6 +78,7 @@ def render_page(
     cells: Iterable[Cell],
     reports_dir: Path,
     notes: Iterable[str] = (),
+    supervised: pd.DataFrame | None = None,
 ) -> str:
     """The whole page as one HTML string (figures read from `reports_dir`)."""
     reports_dir = Path(reports_dir)
@@ -105,6 +106,12 @@ def render_page(
         parts.append(_table(v.pivot))
         parts.append("<h3>Δ fractal vs other weight sources (positive = fractal better)</h3>")
         parts.append(_table(v.deltas))
+    if supervised is not None and not supervised.empty:
+        from vadbench.report.supervised import NOTE
+
+        parts.append('<h2 id="supervised">Supervised (k-fold)</h2>')
+        parts.append(f'<p class="note">{esc(NOTE)}</p>')
+        parts.append(_table(supervised))
     parts.append('<h2 id="costs">Costs</h2>')
     parts.append(
         "<p>Measured on the machine named in <code>device</code>; they vary between runs (fit: first seed; "
@@ -133,7 +140,8 @@ def write_report_page(
     reports_dir: Path,
     out_path: Path,
     notes: Iterable[str] = (),
+    supervised: pd.DataFrame | None = None,
 ) -> Path:
     """Render the page and write it atomically to `out_path`."""
-    write_text(Path(out_path), render_page(quality, costs, cells, reports_dir, notes))
+    write_text(Path(out_path), render_page(quality, costs, cells, reports_dir, notes, supervised))
     return Path(out_path)

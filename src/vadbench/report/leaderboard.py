@@ -135,7 +135,9 @@ def markdown_table(df: pd.DataFrame, digits: int = 3) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_leaderboard(quality: pd.DataFrame, costs: pd.DataFrame, metrics_dir: Path, measured_dir: Path) -> None:
+def write_leaderboard(
+    quality: pd.DataFrame, costs: pd.DataFrame, metrics_dir: Path, measured_dir: Path, supervised_section: str = ""
+) -> None:
     """metrics/leaderboard.{csv,md}, metrics/summary.json (deterministic); costs.{json,md} in `measured_dir`."""
     metrics_dir, measured_dir = Path(metrics_dir), Path(measured_dir)
     # std columns only when some cell ran several seeds: single-seed tables stay narrow
@@ -153,7 +155,8 @@ def write_leaderboard(quality: pd.DataFrame, costs: pd.DataFrame, metrics_dir: P
         entry = cost_summary.setdefault(r["dataset"], {}).setdefault(r["model"], {})
         entry[r["backbone"]] = {k: (None if _missing(r[k]) else r[k]) for k in (*COSTS, "device")}
     write_json(measured_dir / "costs.json", json.loads(json.dumps(cost_summary, default=float)))
-    write_text(metrics_dir / "leaderboard.md", render_markdown(quality))
+    # the supervised track's own section comes after every one-class table (report/supervised.py)
+    write_text(metrics_dir / "leaderboard.md", render_markdown(quality) + supervised_section)
     write_text(measured_dir / "costs.md", render_costs(costs))
 
 
