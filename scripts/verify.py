@@ -43,13 +43,15 @@ def small_grid() -> dict:
     import yaml
 
     p = yaml.safe_load((ROOT / "params.yaml").read_text())
-    p["run"] = {
-        "datasets": ["synthetic_sem"],
-        "models": ["patchcore", "padim", "stfpm"],
-        "pixel_models": ["sparse_ae"],
-        "backbones": ["random", "fractal"],
-        "seeds": [0],
-    }
+    p["run"].update(
+        {
+            "datasets": ["synthetic_sem"],
+            "models": ["patchcore", "padim", "stfpm"],
+            "pixel_models": ["sparse_ae"],
+            "backbones": ["random", "fractal"],
+            "seeds": [0],
+        }
+    )  # other run keys (supervised_models, ...) as params.yaml has them
     p["models"]["stfpm"].update(epochs=2)
     p["models"]["sparse_ae"].update(epochs=2)
     p["fractals"].update(num_classes=4, instances_per_class=8, image_size=32, points=2000, pad=1, workers=1)

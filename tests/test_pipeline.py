@@ -26,13 +26,15 @@ pytestmark = pytest.mark.slow
 
 def tiny_params() -> dict:
     p = yaml.safe_load((ROOT / "params.yaml").read_text())
-    p["run"] = {
-        "datasets": ["synthetic_sem"],
-        "models": ["patchcore", "padim"],
-        "pixel_models": ["sparse_ae"],
-        "backbones": ["random", "fractal"],
-        "seeds": [0],
-    }
+    p["run"].update(
+        {
+            "datasets": ["synthetic_sem"],
+            "models": ["patchcore", "padim"],
+            "pixel_models": ["sparse_ae"],
+            "backbones": ["random", "fractal"],
+            "seeds": [0],
+        }
+    )  # other run keys (supervised_models, ...) as params.yaml has them
     p["models"]["sparse_ae"].update(epochs=2)
     p["fractals"].update(num_classes=4, instances_per_class=8, image_size=32, points=2000, pad=1, workers=1)
     p["pretrain"].update(epochs=1, batch_size=16, milestones=[], warmup_epochs=0)
