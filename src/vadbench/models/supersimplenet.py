@@ -200,13 +200,12 @@ class SuperSimpleNet(AnomalyModel):
         )
 
     # -- fit --------------------------------------------------------------------------------
-    def fit(self, train: Dataset | torch.Tensor, val: Dataset | torch.Tensor | None = None) -> dict[str, Any]:
-        """Train adaptor + heads on cached features of the normal `train` source with feature-space synthetic
-        anomalies; `val` normals (fixed-seed anomalies) pick the epoch."""
-        p, device = self.p, module_device(self.backbone)
-        self.to(device)
-        train, val = as_source(train), (as_source(val) if val is not None and len(val) > 0 else None)
-        self._gen = torch.Generator().manual_seed(p.seed)
+    def optimization(
+        self, n_train: int
+    ) -> tuple[nn.ModuleDict, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+        """(trainable modules, AdamW with the paper's per-module lr/decay, step-wise MultiStepLR) for `n_train`
+        images: the one recipe of the unsupervised fit and the supervised track."""
+        p = self.p
         optimizer = torch.optim.AdamW(
             [
                 {"params": self.adaptor.parameters(), "lr": p.adaptor_lr, "weight_decay": p.adaptor_weight_decay},
@@ -215,10 +214,20 @@ class SuperSimpleNet(AnomalyModel):
             ]
         )
         # the loop steps the scheduler once per optimiser step: the paper's epoch milestones in steps
-        steps = math.ceil(len(train) / p.batch_size)
+        steps = math.ceil(n_train / p.batch_size)
         milestones = sorted({int(p.epochs * f) * steps for f in (0.8, 0.9)})
         scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=p.lr_gamma)
         trainable = nn.ModuleDict({"adaptor": self.adaptor, "seg_head": self.seg_head, "cls_head": self.cls_head})
+        return trainable, optimizer, scheduler
+
+    def fit(self, train: Dataset | torch.Tensor, val: Dataset | torch.Tensor | None = None) -> dict[str, Any]:
+        """Train adaptor + heads on cached features of the normal `train` source with feature-space synthetic
+        anomalies; `val` normals (fixed-seed anomalies) pick the epoch."""
+        p, device = self.p, module_device(self.backbone)
+        self.to(device)
+        train, val = as_source(train), (as_source(val) if val is not None and len(val) > 0 else None)
+        self._gen = torch.Generator().manual_seed(p.seed)
+        trainable, optimizer, scheduler = self.optimization(len(train))
         with cache_splits(self._features, train, val, p.batch_size, device, p.feature_cache_gb) as caches:
             train_feats, val_feats = caches
 
@@ -246,7 +255,7 @@ class SuperSimpleNet(AnomalyModel):
             )
         self.eval()
         report["feature_cache"] = cache_modes(train_feats, val_feats)
-        report["steps_per_epoch"] = steps
+        report["steps_per_epoch"] = math.ceil(len(train) / p.batch_size)
         return report
 
     # -- scoring ----------------------------------------------------------------------------

@@ -18,7 +18,6 @@ Score variants: ``cls`` (σ(classification logit), the paper's score) and ``map_
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -91,17 +90,7 @@ class SupervisedSuperSimpleNet:
             m.feature_norm.fit(
                 m._features(to_float(b[0], device))[0] for b in loader(train, p.batch_size, indices=normals)
             )
-        optimizer = torch.optim.AdamW(
-            [
-                {"params": m.adaptor.parameters(), "lr": p.adaptor_lr, "weight_decay": p.adaptor_weight_decay},
-                {"params": m.seg_head.parameters(), "lr": p.seg_lr, "weight_decay": p.weight_decay},
-                {"params": m.cls_head.parameters(), "lr": p.cls_lr, "weight_decay": p.weight_decay},
-            ]
-        )
-        steps = math.ceil(len(train) / p.batch_size)
-        milestones = sorted({int(p.epochs * f) * steps for f in (0.8, 0.9)})
-        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=milestones, gamma=p.lr_gamma)
-        trainable = torch.nn.ModuleDict({"adaptor": m.adaptor, "seg_head": m.seg_head, "cls_head": m.cls_head})
+        trainable, optimizer, scheduler = m.optimization(len(train))
 
         def loss(batch: Any) -> torch.Tensor:
             return m.target_loss(*self._targets(batch, device, synthetic=True))
