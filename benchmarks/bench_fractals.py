@@ -1,6 +1,7 @@
 """Speed and memory of the fractals stage → prints a table, writes benchmarks/results/fractals.md.
 
     .venv/bin/python benchmarks/bench_fractals.py [--search-classes 1000] [--repeats 5]
+    .venv/bin/python benchmarks/bench_fractals.py --options [--repeats 5]   # → results/fractals_options.md
 
 Measures (medians over repeats; render and render+encode timings alternate so load hits both):
   * first-call JIT time (fresh numba cache dir) and cached start, in subprocesses;
@@ -9,6 +10,8 @@ Measures (medians over repeats; render and render+encode timings alternate so lo
   * peak RSS of a process rendering+writing 50 vs 500 paper-size images (must not grow);
   * one FractalDB-1k class (1000 images: 25 variants × 10 patches × 4 flips) end to end on one core,
     extrapolated to 1000 classes on a 16-core workstation.
+With --options instead: images/s on one core of the generator options (multi-fractal collages, backgrounds,
+colour) against the default 64 px single grey image, as build.run_class makes them (its own results file).
 """
 
 from __future__ import annotations
@@ -27,11 +30,24 @@ import numpy as np
 
 from vadbench.fractals import ifs
 from vadbench.fractals.build import encode_png, run_class
-from vadbench.fractals.instances import Renderer, search_rng
+from vadbench.fractals.compose import Composer
+from vadbench.fractals.instances import Renderer, plan_class, search_rng
 from vadbench.fractals.params import FractalsParams
 
 PAPER = FractalsParams(num_classes=1000, instances_per_class=1000, image_size=362, points=200_000, pad=6, workers=16)
 RESULTS = Path(__file__).parent / "results" / "fractals.md"
+OPTIONS_RESULTS = Path(__file__).parent / "results" / "fractals_options.md"
+# (label, FractalsParams overrides): the default 64 px params; 128 px keeps ~1.5 points per pixel
+OPTION_CASES = [
+    ("64 px single grey (default)", {}),
+    ("64 px multi, diamond_square", {"composition": "multi", "background": "diamond_square"}),
+    (
+        "128 px multi, diamond_square",
+        {"composition": "multi", "background": "diamond_square", "image_size": 128, "points": 24_000},
+    ),
+    ("64 px multi, fractal background, colour", {"composition": "multi", "background": "fractal", "colour": "colour"}),
+    ("64 px single, colour", {"colour": "colour"}),
+]
 
 
 def _load() -> str:
@@ -82,6 +98,47 @@ def render_rate(repeats: int, batch: int = 40) -> dict:
         "render+PNG img/s/core, wall (median)": med[True, "wall"],
         "render+PNG img/s per CPU-second (median)": med[True, "cpu"],
     }
+
+
+def options_rate(repeats: int, batch: int = 200, n_classes: int = 4) -> dict:
+    """Images/s on one core per OPTION_CASES entry, without and with PNG encoding: the plain path as
+    run_class renders it (Renderer, flips reuse a render), the options through Composer.image."""
+    search = {"search_size": 256, "search_points": 20_000}  # quicker search; accepted systems are alike
+    systems = {c: ifs.search_system(FractalsParams(**search), search_rng(0, c)) for c in range(n_classes)}
+    makers = {}
+    for label, over in OPTION_CASES:
+        p = FractalsParams(num_classes=n_classes, **search, **over)
+        plans = [plan_class(p, 0, c, systems[c]) for c in range(n_classes)]
+        if p.plain:
+            r = Renderer(p.image_size, p.points, p.pad)
+            make = lambda c, i, r=r, plans=plans: r.render(plans[c][i].maps, plans[c][i].render_seed, plans[c][i].flip)  # noqa: E731
+        else:
+            comp = Composer(p, 0, systems.__getitem__)
+            make = lambda c, i, comp=comp, plans=plans: comp.image(c, plans[c], i)[0]  # noqa: E731
+        # a class's images in instance order, as run_class makes them (consecutive flips reuse a render)
+        jobs = [(c, i) for c in range(n_classes) for i in range(p.instances_per_class)]
+        make(*jobs[0])  # JIT / cache load outside the timing
+        makers[label] = (make, jobs)
+    rates: dict[tuple[str, bool], list[float]] = {(k, e): [] for k in makers for e in (False, True)}
+    cpu: dict[tuple[str, bool], list[float]] = {k: [] for k in rates}
+    for _ in range(repeats):
+        for label, (make, jobs) in makers.items():  # alternate cases and encoding, so load drifts hit all
+            for encode in (False, True):
+                t, c = time.perf_counter(), time.process_time()
+                for k in range(batch):
+                    img = make(*jobs[k % len(jobs)])
+                    if encode:
+                        encode_png(img)
+                rates[label, encode].append(batch / (time.perf_counter() - t))
+                cpu[label, encode].append(batch / (time.process_time() - c))
+    out = {}
+    for label in makers:
+        w = rates[label, False]
+        out[f"{label}: img/s/core, wall (median; min..max)"] = f"{np.median(w):.0f} ({min(w):.0f}..{max(w):.0f})"
+        out[f"{label}: img/s per CPU-second (median)"] = float(np.median(cpu[label, False]))
+        out[f"{label}: + PNG, img/s/core, wall (median)"] = float(np.median(rates[label, True]))
+        out[f"{label}: + PNG, img/s per CPU-second (median)"] = float(np.median(cpu[label, True]))
+    return out
 
 
 def _search_one(job: tuple[str, int]) -> tuple[int, float]:
@@ -156,8 +213,34 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--only", nargs="*", help="steps to run: jit render rss search 'search sigma' 'paper class'")
+    ap.add_argument(
+        "--options", action="store_true", help="only the generator options' speed → " + OPTIONS_RESULTS.name
+    )
     args = ap.parse_args()
     load_before = _load()
+    if args.options:
+        t = time.perf_counter()
+        res = options_rate(args.repeats)
+        print(f"[options: {time.perf_counter() - t:.1f}s] " + json.dumps(res))
+        lines = [
+            "# fractals generator options: speed",
+            "",
+            f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by `benchmarks/bench_fractals.py --options`"
+            f" on {os.cpu_count()} cores; load average before: {load_before}, after: {_load()}.",
+            "One process (one core); medians of alternating repeats. *wall* includes time other jobs held the core "
+            "(see the load); *per CPU-second* counts only this process's time on a core. Images are made as "
+            "`build.run_class` makes them (a class's instances in order); multi pastes 4-10 renders of 0.15-0.6 "
+            "of the side. Target (issue 17): the default 64 px single grey image ≥ 150 img/s/core.",
+            "",
+            "| measure | value |",
+            "| --- | --- |",
+            *(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in res.items()),
+        ]
+        text = "\n".join(lines) + "\n"
+        print(text)
+        if not args.no_write:
+            OPTIONS_RESULTS.write_text(text)
+        return
     results: dict = {}
     steps = [
         ("jit", jit_times),

@@ -36,6 +36,19 @@ def _raw_with(**fractals) -> dict:
         ({"weight_factors": [0.5, 1.0]}, "fractals.weight_factors"),
         ({"sigma_min_maps": 4, "sigma_max_maps": 2}, "fractals.sigma_min_maps"),
         ({"unknown_key": 1}, "fractals.unknown_key"),
+        ({"composition": "many"}, "fractals.composition"),
+        ({"multi_count": [5, 3]}, "fractals.multi_count"),
+        ({"multi_count": [0, 3]}, "fractals.multi_count"),
+        ({"multi_count": [4]}, "fractals.multi_count"),
+        ({"multi_scale": [0.5, 0.2]}, "fractals.multi_scale"),
+        ({"multi_scale": [0.0, 0.5]}, "fractals.multi_scale"),
+        ({"multi_scale": [0.5, 1.5]}, "fractals.multi_scale"),
+        ({"composition": "multi", "multi_scale": [0.01, 0.5]}, "fractals.multi_scale"),  # < 2 px at 64 px
+        ({"background": "plasma"}, "fractals.background"),
+        ({"background": "fractal", "num_classes": 1}, "fractals.background"),
+        ({"background_level": 0.0}, "fractals.background_level"),
+        ({"background_level": 1.5}, "fractals.background_level"),
+        ({"colour": "rgb"}, "fractals.colour"),
     ],
 )
 def test_inconsistent_params_are_rejected_naming_the_key(change: dict, key: str) -> None:
@@ -47,6 +60,23 @@ def test_inconsistent_params_are_rejected_naming_the_key(change: dict, key: str)
 def test_params_yaml_section_lists_every_field() -> None:
     section = yaml.safe_load((ROOT / "params.yaml").read_text())["fractals"]
     assert set(section) == set(FractalsParams.model_fields)
+
+
+def test_params_yaml_generator_options_are_the_plain_defaults() -> None:
+    p = parse_params(yaml.safe_load((ROOT / "params.yaml").read_text()), check_models=False).fractals
+    assert p == FractalsParams(workers=p.workers) and p.plain
+    assert not p.model_copy(update={"colour": "colour"}).plain
+
+
+def test_content_dump_names_generator_options_only_where_they_act() -> None:
+    options = {"composition", "multi_count", "multi_scale", "background", "background_level", "colour"}
+    plain = FractalsParams()
+    assert not options & set(plain.content_dump()) and "workers" not in plain.content_dump()
+    assert plain.content_dump() == FractalsParams(multi_count=(1, 2), background_level=0.9).content_dump()
+    multi = FractalsParams(composition="multi").content_dump()
+    assert options & set(multi) == {"composition", "multi_count", "multi_scale"}
+    both = FractalsParams(background="diamond_square", colour="colour").content_dump()
+    assert options & set(both) == {"background", "background_level", "colour"}
 
 
 # --- kernels ------------------------------------------------------------------------------------------

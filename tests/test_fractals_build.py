@@ -1,4 +1,5 @@
-"""fractals dataset build: determinism, layout, regeneration, resumability, spawn workers, numba cache."""
+"""fractals dataset build: determinism, layout, regeneration, resumability, spawn workers, numba cache, and
+the default output pinned to its hashes from before the generator options (composition/background/colour)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 from vadbench.fractals import FractalsParams, build, kernels, read_manifest, regenerate, write_preview
@@ -28,6 +30,22 @@ TINY = dict(
     filling_threshold=0.15,
     workers=1,
 )
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Output hashes of the generator before the generator options existed: computed at commit baf76a5 (branch
+# frac-gen) by building params.yaml's `fractals:` section (seed 0, workers 1) and TINY (seed 0) with that code,
+# then sha256 of manifest.csv (it holds every PNG's sha256), systems.json, info.json and
+# vadbench.io.sha256_tree of the output. They pin plain params (single, black, grey) to FractalDB's
+# bytes. PNG bytes depend on Pillow/zlib: recompute them with a checkout of baf76a5 if those change.
+DEFAULT_HASHES = {
+    "manifest.csv": "7fe71e8dbdff5522ccf9a9bc69fe91cf27f9b0aae4494cfff3d1fed4becaee18",
+    "systems.json": "ed8034bd11e42258a6bd38c081d34e85cc09fd20a92f6b590e9961ffdbfddf54",
+    "info.json": "e4827a4539731e36ad29ade2bd60985e354982b955e84f32674125aa92082281",
+    "tree": "5659253a9c05645aa0da45efb997fa04c698ee7051b794e2ee91795e07fbaa58",
+}
+TINY_TREE = "1b22d2b43fb7c74292912ae65b1db2346c4a91430c403bc650a0e119971342d8"
 
 
 def _build(tmp: Path, name: str, seed: int = 0, **over) -> Path:
@@ -139,3 +157,14 @@ def test_fresh_cache_dir_compiles_caches_and_reuses(tmp_path: Path) -> None:
     assert list((tmp_path / "cache").rglob("*.nbi"))  # the cache was written outside the source tree
     second = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert second.stdout == first.stdout
+
+
+def test_default_params_output_is_unchanged(built: Path, tmp_path: Path) -> None:
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    p = FractalsParams.model_validate_json(json.dumps({**raw["fractals"], "workers": 1}))
+    assert p.plain and raw["seed"] == 0
+    out = tmp_path / "d" / "fractals"
+    build.generate(out, p, raw["seed"], progress=False)
+    got = {name: sha256_file(out / name) for name in ("manifest.csv", "systems.json", "info.json")}
+    assert {**got, "tree": sha256_tree(out)} == DEFAULT_HASHES
+    assert sha256_tree(built) == TINY_TREE

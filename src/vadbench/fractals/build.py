@@ -1,11 +1,12 @@
 """Build the fractal dataset: search categories, render instances, write PNGs + manifest, resumably.
 
 Output (`out`, e.g. data/fractals):
-    images/<class:04d>/<instance:04d>.png   8-bit grey, values {0, 255}
+    images/<class:04d>/<instance:04d>.png   8-bit grey, values {0, 255} (generator options: grey levels, or RGB)
     manifest.csv   path,class,instance,instance_params,patch,flip,render_seed,sha256
     systems.json   {"<class>": {"maps": [[a,b,c,d,e,f], ...], "fill": .., "tries": ..}}
     info.json      seed, params, counts, manifest_sha256
-Any image is regenerated from systems.json + its manifest row + info.json (`regenerate`).
+Any image is regenerated from systems.json + its manifest row + info.json (`regenerate`). The generator
+options (multi-fractal collages, backgrounds, colour; compose.py) leave plain params on FractalDB's own path.
 
 Work happens in `<out.parent>/.fractals-work/<params hash>/` (DVC deletes `out` before a rerun, so
 progress must live elsewhere). A class is finished once its rows file exists; an interrupted run,
@@ -30,6 +31,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from vadbench.fractals import ifs
+from vadbench.fractals.compose import Composer
 from vadbench.fractals.instances import Instance, Renderer, plan_class, search_rng
 from vadbench.fractals.params import FractalsParams
 from vadbench.io import atomic_path, sha256_file, write_json
@@ -40,15 +42,18 @@ WORK_DIRNAME = ".fractals-work"
 
 
 def params_hash(seed: int, p: FractalsParams) -> str:
-    """Identifies the content: every param except `workers` (which does not change a single byte)."""
-    blob = json.dumps({"seed": seed, **p.model_dump(mode="json", exclude={"workers"})}, sort_keys=True)
+    """Identifies the content: the params that can change a byte (FractalsParams.content_dump: not `workers`,
+    nor generator options that do not act)."""
+    blob = json.dumps({"seed": seed, **p.content_dump()}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def encode_png(img: np.ndarray) -> bytes:
-    """PNG bytes of a (H, W) uint8 image (deterministic for a given Pillow/zlib)."""
+    """PNG bytes of a (H, W) grey or (H, W, 3) RGB uint8 image (deterministic for a given Pillow/zlib)."""
     buf = io.BytesIO()
-    Image.fromarray(img, mode="L").save(buf, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+    Image.fromarray(img, mode="RGB" if img.ndim == 3 else "L").save(
+        buf, format="PNG", compress_level=PNG_COMPRESS_LEVEL
+    )
     return buf.getvalue()
 
 
@@ -60,13 +65,20 @@ def _write_bytes(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _class_system(work: Path, p: FractalsParams, seed: int, cls: int) -> ifs.System:
+def _class_system(work: Path, p: FractalsParams, seed: int, cls: int, write: bool = True) -> ifs.System:
     path = work / "systems" / f"{cls:04d}.json"
     if path.exists():
         return ifs.System.from_json(json.loads(path.read_text()))
     system = ifs.search_system(p, search_rng(seed, cls))
-    _write_bytes(path, json.dumps(system.to_json()).encode())
+    if write:
+        _write_bytes(path, json.dumps(system.to_json()).encode())
     return system
+
+
+def _search_worker(args: tuple[str, str, int, int]) -> int:
+    work, p_json, seed, cls = args
+    _class_system(Path(work), FractalsParams.model_validate_json(p_json), seed, cls)
+    return cls
 
 
 def run_class(work: Path, p: FractalsParams, seed: int, cls: int) -> int:
@@ -77,15 +89,27 @@ def run_class(work: Path, p: FractalsParams, seed: int, cls: int) -> int:
     folder.mkdir(parents=True, exist_ok=True)
     for leftover in folder.glob(".*.tmp"):  # from an interrupted run of this class
         leftover.unlink()
-    renderer = Renderer(p.image_size, p.points, p.pad)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, COLUMNS, lineterminator="\n")
-    inst: Instance
-    for inst in plan_class(p, seed, cls, system):
-        data = encode_png(renderer.render(inst.maps, inst.render_seed, inst.flip))
-        rel = f"images/{cls:04d}/{inst.instance:04d}.png"
-        _write_bytes(work / rel, data)
-        writer.writerow({"path": rel, **inst.row(cls), "sha256": hashlib.sha256(data).hexdigest()})
+    plan = plan_class(p, seed, cls, system)
+    if p.plain:  # FractalDB's single grey fractal on black
+        renderer = Renderer(p.image_size, p.points, p.pad)
+        inst: Instance
+        for inst in plan:
+            data = encode_png(renderer.render(inst.maps, inst.render_seed, inst.flip))
+            rel = f"images/{cls:04d}/{inst.instance:04d}.png"
+            _write_bytes(work / rel, data)
+            writer.writerow({"path": rel, **inst.row(cls), "sha256": hashlib.sha256(data).hexdigest()})
+    else:
+        # other classes' systems (background `fractal`) were searched before any class rendered (generate);
+        # should one be missing (run_class called directly) it is searched here, without writing it
+        composer = Composer(p, seed, lambda c: system if c == cls else _class_system(work, p, seed, c, write=False))
+        for i in range(len(plan)):
+            img, row = composer.image(cls, plan, i)
+            data = encode_png(img)
+            rel = f"images/{cls:04d}/{i:04d}.png"
+            _write_bytes(work / rel, data)
+            writer.writerow({"path": rel, **row, "sha256": hashlib.sha256(data).hexdigest()})
     (work / "rows").mkdir(exist_ok=True)
     _write_bytes(work / "rows" / f"{cls:04d}.csv", buf.getvalue().encode())
     return p.instances_per_class
@@ -107,7 +131,7 @@ def _finish(work: Path, p: FractalsParams, seed: int) -> dict:
     tries = [s["tries"] for s in systems.values()]
     info = {
         "seed": seed,
-        "params": p.model_dump(mode="json", exclude={"workers"}),
+        "params": p.content_dump(),
         "num_classes": p.num_classes,
         "num_images": p.num_classes * p.instances_per_class,
         "manifest_sha256": sha256_file(work / "manifest.csv"),
@@ -150,15 +174,24 @@ def generate(out: Path, p: FractalsParams, seed: int, progress: bool = True) -> 
         desc=f"fractals ({p.sampler})",
         disable=not progress,
     )
+    # background `fractal` draws other classes' systems: every system is searched before any class renders
+    search = []
+    if todo and p.background == "fractal":
+        search = [c for c in range(p.num_classes) if not (work / "systems" / f"{c:04d}.json").exists()]
     t0 = time.perf_counter()
     with bar:
         if p.workers == 1 or len(todo) <= 1:
+            for cls in search:
+                _class_system(work, p, seed, cls)
             for cls in todo:
                 bar.update(run_class(work, p, seed, cls))
         else:
-            jobs = [(str(work), p.model_dump_json(), seed, c) for c in todo]
+            p_json = p.model_dump_json()
+            jobs = [(str(work), p_json, seed, c) for c in todo]
             # spawn: workers share no RNG or numba state with the parent; every seed is derived
             with mp.get_context("spawn").Pool(min(p.workers, len(todo))) as pool:
+                for _ in pool.imap_unordered(_search_worker, [(str(work), p_json, seed, c) for c in search]):
+                    pass
                 for _, n in pool.imap_unordered(_worker, jobs):
                     bar.update(n)
     info = json.loads((work / "info.json").read_text()) if finished else _finish(work, p, seed)
@@ -183,25 +216,33 @@ def read_manifest(root: Path) -> list[dict]:
 
 
 def regenerate(root: Path, row: dict) -> np.ndarray:
-    """Re-render the image of manifest `row` from root's systems.json and info.json. (S, S) uint8."""
+    """Re-render the image of manifest `row` from root's systems.json and info.json. (S, S) uint8, or
+    (S, S, 3) for colour. Plain params: from the row alone; generator options: the class's instance plan
+    and image `row["instance"]` are rebuilt from info.json's seed and params."""
     root = Path(root)
     info = json.loads((root / "info.json").read_text())
-    p = info["params"]
-    system = ifs.System.from_json(json.loads((root / "systems.json").read_text())[str(int(row["class"]))])
-    maps = ifs.apply_instance(system.maps, json.loads(row["instance_params"]))
-    return Renderer(p["image_size"], p["points"], p["pad"]).render(maps, int(row["render_seed"]), row["flip"])
+    p = FractalsParams.model_validate_json(json.dumps(info["params"]))  # absent generator options: defaults
+    systems = json.loads((root / "systems.json").read_text())
+    cls = int(row["class"])
+    system = ifs.System.from_json(systems[str(cls)])
+    if p.plain:
+        maps = ifs.apply_instance(system.maps, json.loads(row["instance_params"]))
+        return Renderer(p.image_size, p.points, p.pad).render(maps, int(row["render_seed"]), row["flip"])
+    composer = Composer(p, info["seed"], lambda c: ifs.System.from_json(systems[str(c)]))
+    return composer.image(cls, plan_class(p, info["seed"], cls, system), int(row["instance"]))[0]
 
 
 def write_preview(root: Path, dest: Path, max_classes: int = 64, columns: int = 8, tile: int = 96) -> None:
-    """Grid PNG of instance 0 of each of the first `max_classes` classes (tiles ≤ `tile` px)."""
+    """Grid PNG of instance 0 of each of the first `max_classes` classes (tiles ≤ `tile` px; RGB when the
+    images are)."""
     rows = [r for r in read_manifest(root) if r["instance"] == "0"][:max_classes]
-    first = Image.open(Path(root) / rows[0]["path"])
-    t = min(tile, first.width)
+    with Image.open(Path(root) / rows[0]["path"]) as first:
+        t, mode = min(tile, first.width), "RGB" if first.mode == "RGB" else "L"
     n_rows = -(-len(rows) // columns)
     gap = 2
-    grid = Image.new("L", (columns * (t + gap) + gap, n_rows * (t + gap) + gap), 128)
+    grid = Image.new(mode, (columns * (t + gap) + gap, n_rows * (t + gap) + gap), (128,) * len(mode))
     for i, r in enumerate(rows):
-        im = Image.open(Path(root) / r["path"]).convert("L")
+        im = Image.open(Path(root) / r["path"]).convert(mode)
         if im.width != t:
             im = im.resize((t, t), Image.Resampling.BOX)  # area average keeps thin strokes visible
         grid.paste(im, (gap + (i % columns) * (t + gap), gap + (i // columns) * (t + gap)))

@@ -83,7 +83,8 @@ def plan_class(p: FractalsParams, seed: int, cls: int, system: ifs.System) -> li
 class Renderer:
     """Reusable scratch buffers for one process: render instances without per-image allocation.
 
-    Memory is points × 16 bytes + size² bytes, whatever the number of images.
+    Memory is points × 16 bytes + size² bytes (colour renders: + points + size² bytes), whatever the number
+    of images.
     """
 
     def __init__(self, size: int, points: int, pad: int) -> None:
@@ -91,6 +92,9 @@ class Renderer:
         self._pts = np.empty((points, 2), np.float64)
         self._img = np.empty((size, size), np.uint8)
         self._last_key: tuple | None = None
+        self._labels: np.ndarray | None = None  # colour renders only (allocated on first use)
+        self._label_img: np.ndarray | None = None
+        self._last_label_key: tuple | None = None
 
     def render(self, maps: np.ndarray, render_seed: int, flip: str = "none") -> np.ndarray:
         """(size, size) uint8 image in {0, 255}: the chaos game of `maps` stamped with a random 3×3
@@ -102,9 +106,32 @@ class Renderer:
                 maps, ifs.cumulative(maps), self.points, self.pad, patch, np.uint64(render_seed), self._pts, self._img
             )
             self._last_key = key
-        img = self._img
-        if "h" in flip:
-            img = img[:, ::-1]
-        if "v" in flip:
-            img = img[::-1, :]
-        return np.ascontiguousarray(img) if flip != "none" else img.copy()
+        return _flipped(self._img, flip)
+
+    def render_labels(self, maps: np.ndarray, render_seed: int, flip: str = "none") -> np.ndarray:
+        """As `render`, but (size, size) uint8 holds 1 + the index of the map that produced each set pixel
+        (0 = empty): the same points, patch and flip, so `render_labels(...) > 0` equals `render(...) > 0`."""
+        if self._label_img is None:
+            self._label_img = np.empty((self.size, self.size), np.uint8)
+        key = (render_seed, maps.tobytes())
+        if key != self._last_label_key:
+            self._label_into(maps, render_seed, self.points, self.pad, self._label_img)
+            self._last_label_key = key
+        return _flipped(self._label_img, flip)
+
+    def _label_into(self, maps: np.ndarray, render_seed: int, n: int, pad: int, img: np.ndarray) -> None:
+        if self._labels is None:
+            self._labels = np.empty(self.points, np.uint8)
+        patch = ifs.random_patch(np.random.default_rng([render_seed, 1]))
+        kernels.render_labels_into(
+            maps, ifs.cumulative(maps), n, pad, patch, np.uint64(render_seed), self._pts, self._labels, img
+        )
+
+
+def _flipped(img: np.ndarray, flip: str) -> np.ndarray:
+    """A contiguous copy of img (H, W) flipped as `flip` says ('h' left-right, 'v' up-down, 'hv' both)."""
+    if "h" in flip:
+        img = img[:, ::-1]
+    if "v" in flip:
+        img = img[::-1, :]
+    return np.ascontiguousarray(img) if flip != "none" else img.copy()

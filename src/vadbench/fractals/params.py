@@ -2,6 +2,9 @@
 
 Defaults are the quick CPU profile (16 classes × 32 images at 64 px). Paper scale (FractalDB-1k):
 num_classes 1000, instances_per_class 1000, image_size 362, points 200000 — noted per field.
+
+Generator options (`composition`, `multi_*`, `background*`, `colour`) default to FractalDB's single grey
+fractal on black; at those defaults the output is byte-identical to the generator without them.
 """
 
 from __future__ import annotations
@@ -54,6 +57,30 @@ class FractalsParams(StrictModel):
     sigma_jitter: tuple[float, float] = Field(
         (0.8, 1.1), description="sigma: per image one map is scaled by U(lo, hi) (contractive jitters only)"
     )
+    composition: Literal["single", "multi"] = Field(
+        "single",
+        description="single: one fractal per image (FractalDB); multi: every image pastes fractals.multi_count "
+        "renders of its class's instances at random sizes and positions (Ugwu et al.'s MultiFractal sets)",
+    )
+    multi_count: tuple[int, int] = Field(
+        (4, 10), description="multi: fractals per image ~ U{lo..hi} (renders of the image's own class)"
+    )
+    multi_scale: tuple[float, float] = Field(
+        (0.15, 0.60), description="multi: side of each pasted render ~ U(lo, hi) × image_size (clipped at the border)"
+    )
+    background: Literal["black", "diamond_square", "fractal"] = Field(
+        "black",
+        description="black; diamond_square: seeded plasma noise in [0, background_level]; fractal: a blurred "
+        "render of another (seeded) class's system filling the image, scaled to [0, background_level]",
+    )
+    background_level: float = Field(
+        0.5, gt=0.0, le=1.0, description="brightest background value, as a fraction of full scale (255)"
+    )
+    colour: Literal["grey", "colour"] = Field(
+        "grey",
+        description="grey: 8-bit grey PNGs; colour: RGB PNGs, each map of an instance drawn in its own seeded "
+        "colour (points coloured by the map that produced them), backgrounds tinted",
+    )
     workers: int = Field(2, ge=1, description="processes; classes are spread over them")
 
     @property
@@ -63,6 +90,25 @@ class FractalsParams(StrictModel):
     @property
     def n_variants(self) -> int:
         return 1 + 6 * len(self.weight_factors)
+
+    @property
+    def plain(self) -> bool:
+        """FractalDB's own output: one grey fractal per image on black (the generator options' defaults)."""
+        return self.composition == "single" and self.background == "black" and self.colour == "grey"
+
+    def content_dump(self) -> dict:
+        """The params that determine the output bytes, JSON-able (info.json, the work-dir hash): all but
+        `workers`, and each generator option only where it acts (composition/multi_* when multi, background*
+        when not black, colour when colour). An absent option means its default, so plain output keeps
+        the info.json of the generator before these options existed."""
+        drop = {"workers"}
+        if self.composition == "single":
+            drop |= {"composition", "multi_count", "multi_scale"}
+        if self.background == "black":
+            drop |= {"background", "background_level"}
+        if self.colour == "grey":
+            drop.add("colour")
+        return self.model_dump(mode="json", exclude=drop)
 
     @property
     def grid_size(self) -> int:
@@ -97,6 +143,18 @@ class FractalsParams(StrictModel):
         lo, hi = self.sigma_jitter
         if not 0 < lo <= hi:
             raise ValueError(f"fractals.sigma_jitter {[lo, hi]}: expected 0 < lo ≤ hi")
+        lo, hi = self.multi_count
+        if not 1 <= lo <= hi:
+            raise ValueError(f"fractals.multi_count {[lo, hi]}: expected 1 ≤ lo ≤ hi")
+        lo, hi = self.multi_scale
+        if not 0 < lo <= hi <= 1:
+            raise ValueError(f"fractals.multi_scale {[lo, hi]}: expected 0 < lo ≤ hi ≤ 1 (fractions of image_size)")
+        if self.composition == "multi" and round(lo * self.image_size) < 2:
+            raise ValueError(f"fractals.multi_scale lo ({lo}) × fractals.image_size ({self.image_size}) must be ≥ 2 px")
+        if self.background == "fractal" and self.num_classes < 2:
+            raise ValueError(
+                "fractals.background 'fractal' draws another class's system: needs fractals.num_classes ≥ 2"
+            )
         if self.sampler == "fractaldb" and self.instances_per_class > self.grid_size:
             raise ValueError(
                 f"fractals.instances_per_class ({self.instances_per_class}) exceeds the {self.grid_size} distinct "

@@ -66,7 +66,8 @@ def _sample_seed(seed: int, epoch: int, index: int) -> int:
 
 
 class FractalImages(Dataset):
-    """Item i → (image (1, crop, crop) float in [0, 1], label). Grey; the model input is made on device.
+    """Item i → (image (C, crop, crop) float in [0, 1], label): C = 1 for grey PNGs, 3 for RGB ones (the
+    `fractals.colour` option); the model input (grey replicated to 3 channels) is made on device.
 
     Train: resize to `input_size`, random crop + optional flip from (seed, epoch, i). Val: centre crop.
     Call `set_epoch` before each epoch (workers are re-created per epoch, so they see it).
@@ -91,15 +92,16 @@ class FractalImages(Dataset):
         return len(self.items)
 
     def _load(self, path: Path) -> torch.Tensor:
+        """uint8 (C, input_size, input_size): C = 3 for an RGB(A) PNG, else 1 (grey)."""
         try:
             with Image.open(path) as im:
-                im = im.convert("L")
+                im = im.convert("RGB" if im.mode in ("RGB", "RGBA") else "L")
                 if im.size != (self.input_size, self.input_size):
                     im = im.resize((self.input_size, self.input_size), Image.BILINEAR)
                 arr = np.asarray(im, dtype=np.uint8)
         except (OSError, ValueError) as err:
             raise ValueError(f"fractal image {path} cannot be read: {err}") from None
-        return torch.from_numpy(arr.copy())
+        return torch.from_numpy(arr.transpose(2, 0, 1).copy() if arr.ndim == 3 else arr[None].copy())
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         path, label = self.items[index]
@@ -112,7 +114,7 @@ class FractalImages(Dataset):
         else:
             top = left = room // 2
             flip = False
-        img = img[top : top + self.crop_size, left : left + self.crop_size]
+        img = img[:, top : top + self.crop_size, left : left + self.crop_size]
         if flip:
             img = img.flip(-1)
-        return img.unsqueeze(0).float().div_(255.0), label
+        return img.float().div_(255.0), label
