@@ -180,3 +180,177 @@ def test_interrupted_run_resumes_to_identical_weights(tmp_path, one_thread):
     assert full.state_dict.keys() == resumed.state_dict.keys()
     for k, v in full.state_dict.items():
         assert torch.equal(v, resumed.state_dict[k]), k
+
+
+# --- recipe options: objective (classification | simclr), augment (basic | strong) --------------------------
+
+# sha256 of weights.safetensors of `_run(make_fake_fractals(num_classes=4, instances=8, size=32), epochs=2)`
+# (TINY params, seed 0, 1 thread), computed with the code of commit baf76a5, BEFORE `objective`/`augment`
+# existed, by running exactly that in a script (/tmp/pre/baseline.py at the time). Float kernels differ between
+# CPU kinds (scripts/verify.py machine_kind), so the value is recorded per kind; other kinds skip this part.
+DEFAULT_RECIPE_WEIGHTS_SHA256 = {
+    "x86_64-AVX2-torch2.14.1_cu130": "79c7a63d22926aae9ce0a66f51073ba4f9f66208fc9792fe10ba52991c9249ef",
+}
+# sha256 over the float32 bytes of every training crop of epochs 0 and 1 of the same data (input 32, crop 28,
+# hflip, seed 0), same commit: integer crops and an exact /255, so the same on every machine
+DEFAULT_RECIPE_CROPS_SHA256 = "ff6d2ca119cb64549f905375a115f6d0ff688bb8dbb26f55edc913b0eb1e17ae"
+
+
+def _machine_kind() -> str:
+    import platform
+
+    return f"{platform.machine()}-{torch.backends.cpu.get_cpu_capability()}-torch{torch.__version__}".replace("+", "_")
+
+
+def test_default_recipe_is_unchanged(tmp_path, one_thread):
+    import hashlib
+
+    from vadbench.io import sha256_file
+
+    fr = make_fake_fractals(tmp_path / "fr", num_classes=4, instances=8, size=32)
+    ds = FractalImages(read_fractal_split(fr, 0.25, seed=0).train, input_size=32, crop_size=28, train=True, seed=0)
+    h = hashlib.sha256()
+    for epoch in (0, 1):
+        ds.set_epoch(epoch)
+        for i in range(len(ds)):
+            h.update(ds[i][0].numpy().tobytes())
+    assert h.hexdigest() == DEFAULT_RECIPE_CROPS_SHA256, "the basic augmentation's crops changed"
+
+    _run(fr, tmp_path, tmp_path / "work", epochs=2)
+    extra = read_card(tmp_path / "pretrain").extra
+    assert not {"objective", "augment", "crop_scale", "val_metric"} & set(extra)  # default card: as before
+    expected = DEFAULT_RECIPE_WEIGHTS_SHA256.get(_machine_kind())
+    if expected is None:
+        pytest.skip(f"no default-recipe weights hash recorded for machine kind {_machine_kind()}")
+    assert sha256_file(tmp_path / "pretrain" / "weights.safetensors") == expected, (
+        "default (classification, basic) weights changed: they must stay byte-identical; if torch/timm changed, "
+        "rerun this run at commit baf76a5 and record the hash for this kind"
+    )
+
+
+@pytest.mark.parametrize(
+    ("kw", "key"),
+    [
+        (dict(objective="byol"), "objective"),
+        (dict(augment="heavy"), "augment"),
+        (dict(crop_scale=(0.5, 0.2)), "crop_scale"),
+        (dict(crop_scale=(0.0, 1.0)), "crop_scale"),
+        (dict(crop_scale=(0.5, 1.5)), "crop_scale"),
+        (dict(simclr_temperature=0.0), "simclr_temperature"),
+        (dict(simclr_proj_dim=0), "simclr_proj_dim"),
+        (dict(objective="simclr", batch_size=1), "pretrain.batch_size"),
+    ],
+)
+def test_recipe_params_are_validated(kw, key):
+    with pytest.raises(ValueError, match=key):
+        PretrainParams(**kw)
+    p = PretrainParams()
+    assert (p.objective, p.augment, p.crop_scale, p.simclr_proj_dim, p.simclr_temperature) == (
+        "classification",
+        "basic",
+        (0.25, 1.0),
+        128,
+        0.2,
+    )
+
+
+def test_recipe_params_name_the_key_in_params_yaml():
+    import copy
+
+    import yaml
+
+    from vadbench.config import ParamsError, parse_params
+
+    raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "params.yaml").read_text())
+    p = parse_params(raw).pretrain
+    assert (p.objective, p.augment) == ("classification", "basic")  # params.yaml keeps the original recipe
+    for key, value in (("objective", "byol"), ("augment", "heavy"), ("crop_scale", [0.6, 0.3])):
+        bad = copy.deepcopy(raw)
+        bad["pretrain"][key] = value
+        with pytest.raises(ParamsError, match=f"pretrain.{key}"):
+            parse_params(bad)
+
+
+def test_strong_augmentation_is_a_function_of_seed_epoch_index_and_view(tmp_path):
+    from vadbench.pretrain.augment import strong_view
+
+    fr = make_fake_fractals(tmp_path / "fr", num_classes=2, instances=4, size=32)
+    items = read_fractal_split(fr, 0.25, seed=0).train
+
+    def batch(epoch: int, seed: int = 5, order=None) -> torch.Tensor:
+        ds = FractalImages(items, 32, 24, train=True, seed=seed, augment="strong", views=2, crop_scale=(0.3, 1.0))
+        ds.set_epoch(epoch)
+        order = order or range(len(ds))
+        return torch.stack([ds[i][0] for i in order])
+
+    x = batch(0)
+    assert x.shape == (len(items), 2, 1, 24, 24) and x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1
+    assert torch.equal(x, batch(0, order=list(reversed(range(len(items))))).flip(0))  # independent of load order
+    assert not any(torch.equal(a, b) for a, b in zip(x[:, 0], x[:, 1]))  # the two views of an image differ
+    assert not torch.equal(x, batch(1)) and not torch.equal(x, batch(0, seed=6))
+    # view 0 of strong is not basic's crop; basic keeps its own draws
+    basic = FractalImages(items, 32, 24, train=True, seed=5, augment="basic", views=2)
+    assert basic[0][0].shape == (2, 1, 24, 24) and not torch.equal(basic[0][0][0], x[0, 0])
+
+    # 3 channels (RGB fractals): same geometry and factors for every channel
+    grey = torch.from_numpy(np.array(Image.open(items[0][0]))).unsqueeze(0)
+    rgb = grey.expand(3, -1, -1).clone()
+    for view in range(4):
+        g1, g3 = (torch.Generator().manual_seed(100 + view) for _ in range(2))
+        one, three = strong_view(grey, 24, (0.25, 1.0), True, g1), strong_view(rgb, 24, (0.25, 1.0), True, g3)
+        assert three.shape == (3, 24, 24) and torch.allclose(three, one.expand(3, -1, -1), atol=1e-6)
+    assert strong_view(rgb.permute(1, 2, 0), 24, (0.25, 1.0), True, torch.Generator().manual_seed(0)).shape == (
+        3,
+        24,
+        24,
+    )
+
+
+def test_simclr_learns_resumes_exactly_and_saves_a_timm_backbone(tmp_path, one_thread):
+    from vadbench.backbones import load_feature_extractor, materialize_backbone
+
+    fr = make_fake_fractals(tmp_path / "fr", num_classes=4, instances=8, size=32)
+    kw = dict(objective="simclr", epochs=3)
+    full = _run(fr, tmp_path / "full", tmp_path / "work_full", **kw)
+    losses = [r["train_loss"] for r in full.log]
+    assert losses[-1] < losses[0], full.log  # NT-Xent falls
+    assert all(0 <= r["val_top1"] <= 1 and 0 <= r["train_top1"] <= 1 for r in full.log)
+
+    # interrupted + resumed = uninterrupted (head and optimizer state restored), so also two runs agree bitwise
+    with pytest.raises(StopRequested):
+        _run(fr, tmp_path / "cut", tmp_path / "work_cut", stop_after_epoch=1, **kw)
+    ckpt = torch.load(next((tmp_path / "work_cut").glob("*/last.pt")), weights_only=True)
+    assert any(k.startswith("head.") for k in ckpt["model"])
+    resumed = _run(fr, tmp_path / "cut", tmp_path / "work_cut", **kw)
+    assert resumed.resumed_from_epoch == 1 and resumed.log == full.log
+    assert full.state_dict.keys() == resumed.state_dict.keys()
+    assert all(torch.equal(v, resumed.state_dict[k]) for k, v in full.state_dict.items())
+
+    out = tmp_path / "full" / "pretrain"
+    saved = load_file(str(out / "weights.safetensors"))
+    assert not any(k.startswith(("head.", "backbone.", "fc.")) for k in saved)  # the plain timm body only
+    extra = read_card(out).extra
+    assert (extra["objective"], extra["val_metric"], extra["simclr_proj_dim"]) == ("simclr", "knn1_cosine", 128)
+    assert "augment" not in extra  # basic
+    net = timm.create_model(
+        "resnet18",
+        pretrained=True,
+        features_only=True,
+        pretrained_cfg_overlay=dict(file=str(out / "weights.safetensors")),
+    )
+    assert torch.equal(net.state_dict()["layer3.1.bn2.running_var"], saved["layer3.1.bn2.running_var"])
+    # and through the backbones stage's own path, as PatchCore/PaDiM use it
+    materialize_backbone(tmp_path / "bb", arch="resnet18", init="fractal", pretrain_dir=out)
+    fx = load_feature_extractor(tmp_path / "bb", ["layer2", "layer3"])
+    assert torch.equal(fx.net.state_dict()["layer2.0.conv1.weight"], saved["layer2.0.conv1.weight"])
+    assert fx.extract(torch.rand(2, 1, 32, 32))["layer3"].shape[:2] == (2, 256)
+
+
+def test_strong_augment_classification_is_reproducible(tmp_path, one_thread):
+    fr = make_fake_fractals(tmp_path / "fr", num_classes=4, instances=8, size=32)
+    kw = dict(augment="strong", crop_scale=(0.4, 1.0), epochs=1)
+    a = _run(fr, tmp_path / "a", tmp_path / "wa", **kw)
+    b = _run(fr, tmp_path / "b", tmp_path / "wb", **kw)
+    assert a.log == b.log and all(torch.equal(v, b.state_dict[k]) for k, v in a.state_dict.items())
+    extra = read_card(tmp_path / "a" / "pretrain").extra
+    assert (extra["augment"], extra["crop_scale"]) == ("strong", [0.4, 1.0]) and "objective" not in extra

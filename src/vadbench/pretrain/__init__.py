@@ -1,1 +1,1 @@
-"""Classification pretraining of timm backbones on the fractal dataset."""
+"""Pretraining of timm backbones on the fractal dataset (classification or SimCLR)."""

@@ -1,8 +1,8 @@
-"""The fractal dataset as a classification task: manifest → held-out split → augmented tensors.
+"""The fractal dataset: manifest → held-out split → augmented tensors (one view, or several for SimCLR).
 
-Augmentation randomness is a pure function of (seed, epoch, sample index), not of a global RNG or of
-which process loads the sample. That is what lets a 2-process DDP run see exactly the crops of the
-1-process run, and a resumed run exactly the crops of an uninterrupted one.
+Augmentation randomness (augment.py) is a pure function of (seed, epoch, sample index, view), not of a
+global RNG or of which process loads the sample. That is what lets a 2-process DDP run see exactly the
+crops of the 1-process run, and a resumed run exactly the crops of an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
+
+from vadbench.pretrain.augment import basic_view, strong_view
 
 
 @dataclass(frozen=True)
@@ -60,16 +62,19 @@ def read_fractal_split(fractal_dir: Path, val_fraction: float, seed: int) -> Fra
     return FractalSplit(train=train, val=val, classes=classes)
 
 
-def _sample_seed(seed: int, epoch: int, index: int) -> int:
-    digest = hashlib.blake2b(f"{seed}/{epoch}/{index}".encode(), digest_size=8).digest()
+def _sample_seed(seed: int, epoch: int, index: int, view: int = 0) -> int:
+    """View 0 keeps the pre-`views` key, so single-view crops (and the default recipe) are unchanged."""
+    key = f"{seed}/{epoch}/{index}" + (f"/{view}" if view else "")
+    digest = hashlib.blake2b(key.encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
 class FractalImages(Dataset):
-    """Item i → (image (C, crop, crop) float in [0, 1], label): C = 1 for grey PNGs, 3 for RGB ones (the
-    `fractals.colour` option); the model input (grey replicated to 3 channels) is made on device.
+    """Item i → (image (C, crop, crop) float in [0, 1], label); `views` > 1: (views, C, crop, crop).
 
-    Train: resize to `input_size`, random crop + optional flip from (seed, epoch, i). Val: centre crop.
+    C is what `_load` gives: 1 for grey PNGs, 3 for RGB ones (`fractals.colour`); the model input is made on device. Train: resize to `input_size`,
+    then `augment` ("basic": random crop + optional flip; "strong": augment.strong_view with `crop_scale`),
+    each view from (seed, epoch, i, view). Val (train=False): centre crop, one view.
     Call `set_epoch` before each epoch (workers are re-created per epoch, so they see it).
     """
 
@@ -81,9 +86,17 @@ class FractalImages(Dataset):
         train: bool,
         hflip: bool = True,
         seed: int = 0,
+        augment: str = "basic",
+        views: int = 1,
+        crop_scale: tuple[float, float] = (0.25, 1.0),
     ):
+        if augment not in ("basic", "strong"):
+            raise ValueError(f"augment must be 'basic' or 'strong', got {augment!r}")
+        if views < 1 or (views > 1 and not train):
+            raise ValueError(f"views must be 1 for validation and >= 1 for training, got {views}")
         self.items, self.input_size, self.crop_size = items, input_size, crop_size
         self.train, self.hflip, self.seed, self.epoch = train, hflip, seed, 0
+        self.augment, self.views, self.crop_scale = augment, views, tuple(crop_scale)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -103,18 +116,17 @@ class FractalImages(Dataset):
             raise ValueError(f"fractal image {path} cannot be read: {err}") from None
         return torch.from_numpy(arr.transpose(2, 0, 1).copy() if arr.ndim == 3 else arr[None].copy())
 
+    def _view(self, img: torch.Tensor, index: int, view: int) -> torch.Tensor:
+        if not self.train:
+            return basic_view(img, self.crop_size, False, None)
+        g = torch.Generator().manual_seed(_sample_seed(self.seed, self.epoch, index, view))
+        if self.augment == "strong":
+            return strong_view(img, self.crop_size, self.crop_scale, self.hflip, g)
+        return basic_view(img, self.crop_size, self.hflip, g)
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         path, label = self.items[index]
         img = self._load(path)
-        room = self.input_size - self.crop_size
-        if self.train:
-            g = torch.Generator().manual_seed(_sample_seed(self.seed, self.epoch, index))
-            top, left = (int(v) for v in torch.randint(0, room + 1, (2,), generator=g))
-            flip = self.hflip and bool(torch.randint(0, 2, (1,), generator=g))
-        else:
-            top = left = room // 2
-            flip = False
-        img = img[:, top : top + self.crop_size, left : left + self.crop_size]
-        if flip:
-            img = img.flip(-1)
-        return img.float().div_(255.0), label
+        if self.views == 1:
+            return self._view(img, index, 0), label
+        return torch.stack([self._view(img, index, v) for v in range(self.views)]), label

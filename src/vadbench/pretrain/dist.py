@@ -63,6 +63,36 @@ def all_sum(values: list[float], ctx: DistContext, device: torch.device) -> list
     return t.tolist()
 
 
+def all_gather_with_grad(t: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    """Concatenate every rank's `t` (same shape on all ranks) in rank order; gradients flow back to each rank.
+
+    The backward sums the gradients that all ranks' losses put on this rank's slice, so a loss averaged
+    over local rows, with DDP averaging the parameter gradients, is the loss over the global batch.
+    """
+    if not ctx.active:
+        return t
+    return torch.cat(dist_fn.all_gather(t), dim=0)
+
+
+def gather_strided(t: torch.Tensor, n_total: int, ctx: DistContext) -> torch.Tensor:
+    """Rank r holds rows r, r + W, r + 2W, … of an `n_total`-row tensor: rebuild it, in order, on every rank.
+
+    Shards may differ by one row, so they are padded to equal length for `all_gather`. No gradient.
+    """
+    if not ctx.active:
+        return t
+    w = ctx.world_size
+    longest = -(-n_total // w)
+    padded = torch.zeros((longest, *t.shape[1:]), dtype=t.dtype, device=t.device)
+    padded[: len(t)] = t
+    parts = [torch.empty_like(padded) for _ in range(w)]
+    dist.all_gather(parts, padded)
+    out = torch.empty((n_total, *t.shape[1:]), dtype=t.dtype, device=t.device)
+    for r, part in enumerate(parts):
+        out[r::w] = part[: len(range(r, n_total, w))]
+    return out
+
+
 def barrier(ctx: DistContext) -> None:
     if ctx.active:
         dist.barrier()
@@ -80,10 +110,10 @@ def torchrun_command(nproc_per_node: int, script_args: list[str]) -> list[str]:
     ]
 
 
-# the autograd-aware all_reduce is deprecated in favour of functional collectives, which have no
-# backward through all_reduce yet; it works, so keep logs quiet
+# the autograd-aware all_reduce/all_gather are deprecated in favour of functional collectives, which have
+# no backward through all_reduce yet; they work, so keep logs quiet
 warnings.filterwarnings(
-    "ignore", message=r".*torch.distributed.nn.functional.all_reduce is deprecated", category=FutureWarning
+    "ignore", message=r".*torch.distributed.nn.functional.all_(reduce|gather) is deprecated", category=FutureWarning
 )
 
 

@@ -2,18 +2,28 @@
 
 Default profile: a few-minute CPU run on the 64 px default fractals. Paper-scale profile (FractalDB's
 recipe): epochs 90, lr 0.1, milestones [30, 60], batch_size 256, input_size 256, crop_size 224
-(docs/PRETRAINING.md).
+(docs/PRETRAINING.md). `objective` and `augment` select the recipe (classification | simclr, basic | strong);
+their defaults are the original classification recipe, bit for bit.
 """
 
 from __future__ import annotations
 
-from pydantic import Field, model_validator
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
 
 from vadbench.schema import StrictModel
 
 
 class PretrainParams(StrictModel):
     arch: str = Field("resnet18", description="any timm architecture name, trained from scratch")
+    objective: Literal["classification", "simclr"] = Field(
+        "classification",
+        description="classification: cross-entropy on the fractal classes; simclr: NT-Xent between two views "
+        "of each image (labels unused), projection head dropped from the saved weights",
+    )
+    simclr_proj_dim: int = Field(128, ge=1, description="simclr: output width of the 2-layer projection MLP")
+    simclr_temperature: float = Field(0.2, gt=0, description="simclr: NT-Xent temperature")
     epochs: int = Field(20, ge=1)
     batch_size: int = Field(32, ge=1, description="global batch: split evenly over all processes")
     lr: float = Field(0.1, gt=0)
@@ -26,6 +36,14 @@ class PretrainParams(StrictModel):
     input_size: int = Field(64, ge=8, description="fractal images are resized to this square size first")
     crop_size: int = Field(56, ge=8, description="random crop (train) / centre crop (val) after the resize")
     hflip: bool = Field(True, description="random horizontal flips while training")
+    augment: Literal["basic", "strong"] = Field(
+        "basic",
+        description="basic: random crop + hflip; strong: random-resized crop, flips, 90° rotations, "
+        "brightness/contrast jitter, blur (pretrain/augment.py)",
+    )
+    crop_scale: tuple[float, float] = Field(
+        (0.25, 1.0), description="augment strong: area fraction range of the random-resized crop"
+    )
     mean: tuple[float, float, float] = (0.2, 0.2, 0.2)
     std: tuple[float, float, float] = (0.5, 0.5, 0.5)
     amp: bool = Field(True, description="mixed precision on CUDA (bf16, else fp16 + loss scaling); no-op on CPU")
@@ -34,8 +52,20 @@ class PretrainParams(StrictModel):
     nproc_per_node: int = Field(1, ge=1, description=">1: the stage relaunches itself with torchrun")
     dist_timeout_s: int = Field(600, ge=10, description="collective timeout: a dead peer fails the run, never hangs it")
 
+    @field_validator("crop_scale")
+    @classmethod
+    def _scale_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < v[0] <= v[1] <= 1:
+            raise ValueError("must be [lo, hi] with 0 < lo <= hi <= 1")
+        return v
+
     @model_validator(mode="after")
     def _consistent(self) -> PretrainParams:
+        if self.objective == "simclr" and self.batch_size < 2:
+            raise ValueError(
+                f"pretrain.batch_size ({self.batch_size}) must be >= 2 for pretrain.objective simclr: "
+                "the other images of the batch are the negatives"
+            )
         if self.crop_size > self.input_size:
             raise ValueError(f"crop_size ({self.crop_size}) must not exceed input_size ({self.input_size})")
         if any(b <= a for a, b in zip(self.milestones, self.milestones[1:])):

@@ -1,7 +1,8 @@
 """The pretrain stage's work, callable from stages/pretrain.py, from torchrun and from tests.
 
 Outputs (rank 0 only, each written atomically):
-  <out_dir>/weights.safetensors  full timm state dict (classifier included; features_only drops it)
+  <out_dir>/weights.safetensors  full timm state dict (classifier included; features_only drops it);
+                                 objective simclr: the backbone without classifier and projection head
   <out_dir>/card.json            BackboneCard: arch, init "fractal", mean/std used in training, extra
   <timing_path>                  throughput, device, thread count (a measurement: outside the cached output,
                                  metrics/measured/ in the pipeline, so data/pretrain stays byte-identical)
@@ -33,6 +34,26 @@ def _fractal_info(fractal_dir: Path) -> dict[str, Any]:
     return {**info.get("params", {}), **info}  # image_size sits at the top level or under "params"
 
 
+def recipe_extra(p: PretrainParams) -> dict[str, Any]:
+    """Card entries of the recipe options that differ from the original recipe (classification, basic).
+
+    Only non-default values are written, so the default run's card (and data/pretrain, which DVC hashes and
+    every downstream stage depends on) stays byte-identical to the one written before these options
+    existed: a card without `objective` / `augment` is classification / basic.
+    """
+    extra: dict[str, Any] = {}
+    if p.objective != "classification":
+        extra.update(
+            objective=p.objective,
+            simclr_proj_dim=p.simclr_proj_dim,
+            simclr_temperature=p.simclr_temperature,
+            val_metric="knn1_cosine",  # val_top1 is a 1-NN top-1 of pooled features, not a classifier's
+        )
+    if p.augment != "basic":
+        extra.update(augment=p.augment, crop_scale=list(p.crop_scale))
+    return extra
+
+
 def write_outputs(
     result: PretrainResult,
     p: PretrainParams,
@@ -59,6 +80,7 @@ def write_outputs(
         train_top1=final["train_top1"],
         n_train=result.n_train,
         n_val=result.n_val,
+        **recipe_extra(p),
     )
     card = BackboneCard(
         arch=p.arch,
