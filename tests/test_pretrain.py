@@ -197,9 +197,15 @@ DEFAULT_RECIPE_CROPS_SHA256 = "ff6d2ca119cb64549f905375a115f6d0ff688bb8dbb26f55e
 
 
 def _machine_kind() -> str:
-    import platform
+    """The verify locks' machine kind (scripts/verify.py): weights hashes are per kind for the same reason."""
+    import importlib.util
 
-    return f"{platform.machine()}-{torch.backends.cpu.get_cpu_capability()}-torch{torch.__version__}".replace("+", "_")
+    spec = importlib.util.spec_from_file_location(
+        "vadbench_verify", Path(__file__).parents[1] / "scripts" / "verify.py"
+    )
+    verify = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(verify)
+    return verify.machine_kind()
 
 
 def test_default_recipe_is_unchanged(tmp_path, one_thread):
