@@ -16,7 +16,7 @@ from vadbench.fractals import FractalsParams, build, ifs, kernels, read_manifest
 from vadbench.fractals.instances import FLIPS, Renderer
 from vadbench.io import sha256_tree
 from vadbench.pretrain.data import FractalImages, read_fractal_split
-from vadbench.pretrain.train import _to_input
+from vadbench.pretrain.train import InputPrep
 
 OPT = dict(
     num_classes=3,
@@ -159,7 +159,8 @@ def test_pretraining_reads_colour_as_three_channels_and_grey_as_one(every: Path,
             (x * 255).round(), torch.from_numpy(want[:, 4:44, 4:44]).float()
         )
         batch = torch.stack([ds[i][0] for i in range(len(ds))])
-        model_input = _to_input(batch, mean, std, channels_last=False)
+        prep = InputPrep(mean, std, channels_last=False, amp_dtype=None, device=torch.device("cpu"))
+        model_input = prep(batch)
         assert model_input.shape == (len(ds), 3, 40, 40)
         if channels == 1:
             assert torch.equal(model_input[:, 0], model_input[:, 2])

@@ -83,10 +83,25 @@ def lr_at(p: PretrainParams, epoch: int, step: int, steps_per_epoch: int) -> flo
     return lr
 
 
-def _to_input(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, channels_last: bool) -> torch.Tensor:
-    """Grey (N,1,H,W) in [0,1] → normalised (N,3,H,W), exactly as the AD feature extractor feeds it."""
-    x = (x.expand(-1, 3, -1, -1) - mean) / std
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+@dataclass(frozen=True)
+class InputPrep:
+    """How a batch becomes the network's input on `device`: normalisation, memory format and autocast."""
+
+    mean: torch.Tensor  # (1, 3, 1, 1) on device
+    std: torch.Tensor
+    channels_last: bool
+    amp_dtype: torch.dtype | None  # None: full precision
+    device: torch.device
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Grey (N,1,H,W) or RGB (N,3,H,W) in [0,1] → normalised (N,3,H,W), as the AD feature extractor feeds it."""
+        x = (x.to(self.device, non_blocking=True).expand(-1, 3, -1, -1) - self.mean) / self.std
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def autocast(self) -> torch.autocast:
+        return torch.autocast(
+            self.device.type, dtype=self.amp_dtype or torch.bfloat16, enabled=self.amp_dtype is not None
+        )
 
 
 class SimCLRNet(nn.Module):
@@ -261,8 +276,13 @@ def pretrain(
         if ctx.active
         else model
     )
-    mean = torch.tensor(p.mean, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(p.std, device=device).view(1, 3, 1, 1)
+    prep = InputPrep(
+        mean=torch.tensor(p.mean, device=device).view(1, 3, 1, 1),
+        std=torch.tensor(p.std, device=device).view(1, 3, 1, 1),
+        channels_last=channels_last,
+        amp_dtype=amp_dtype,
+        device=device,
+    )
     loss_fn = nn.CrossEntropyLoss()
     throughput: list[float] = []
 
@@ -279,9 +299,9 @@ def pretrain(
                 group["lr"] = lr
             if simclr:  # (B, 2, C, H, W) → (2B, C, H, W): view 0 of every image, then view 1
                 x = x.transpose(0, 1).flatten(0, 1)
-            x = _to_input(x.to(device, non_blocking=True), mean, std, channels_last)
+            x = prep(x)
             y = y.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+            with prep.autocast():
                 logits = net(x)
                 if simclr:
                     loss, n_correct = nt_xent(logits, p.simclr_temperature, ctx)
@@ -311,11 +331,9 @@ def pretrain(
         loss_sum, correct, n = all_sum(sums, ctx, device)
         throughput.append(n / train_ds.views / elapsed)  # images (not views) per second
         if simclr:
-            val_top1 = knn_top1(
-                model.backbone, knn_train_dl, val_dl, len(knn_ref), mean, std, channels_last, amp_dtype, device, ctx
-            )
+            val_top1 = knn_top1(model.backbone, knn_train_dl, val_dl, len(knn_ref), prep, ctx)
         else:
-            val_top1 = evaluate(model, val_dl, mean, std, channels_last, amp_dtype, device, ctx)
+            val_top1 = evaluate(model, val_dl, prep, ctx)
         row = dict(
             epoch=epoch + 1,
             train_loss=loss_sum / n,
@@ -356,16 +374,7 @@ def pretrain(
 
 
 @torch.no_grad()
-def evaluate(
-    net: nn.Module,
-    loader: DataLoader,
-    mean: torch.Tensor,
-    std: torch.Tensor,
-    channels_last: bool,
-    amp_dtype: torch.dtype | None,
-    device: torch.device,
-    ctx: DistContext,
-) -> float:
+def evaluate(net: nn.Module, loader: DataLoader, prep: InputPrep, ctx: DistContext) -> float:
     """Top-1 on the held-out fractal instances (each rank scores its shard; counts are summed).
 
     `net` is the unwrapped model: shards may differ in size, so no DDP forward (and no collective) here.
@@ -373,30 +382,21 @@ def evaluate(
     net.eval()
     correct = total = 0
     for x, y in loader:
-        x = _to_input(x.to(device), mean, std, channels_last)
-        with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
-            pred = net(x).argmax(1).cpu()
+        with prep.autocast():
+            pred = net(prep(x)).argmax(1).cpu()
         correct += int((pred == y).sum())
         total += len(y)
-    correct, total = all_sum([correct, total], ctx, device)
+    correct, total = all_sum([correct, total], ctx, prep.device)
     return correct / total
 
 
 @torch.no_grad()
-def _pooled_features(
-    backbone: nn.Module,
-    loader: DataLoader,
-    mean: torch.Tensor,
-    std: torch.Tensor,
-    channels_last: bool,
-    amp_dtype: torch.dtype | None,
-    device: torch.device,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _pooled_features(backbone: nn.Module, loader: DataLoader, prep: InputPrep) -> tuple[torch.Tensor, torch.Tensor]:
+    device = prep.device
     feats, labels = [], []
     for x, y in loader:
-        x = _to_input(x.to(device), mean, std, channels_last)
-        with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
-            feats.append(F.normalize(backbone(x).float(), dim=1))
+        with prep.autocast():
+            feats.append(F.normalize(backbone(prep(x)).float(), dim=1))
         labels.append(y.to(device))
     if not feats:  # an empty shard (fewer held-out images than processes)
         return torch.empty(0, 0, device=device), torch.empty(0, dtype=torch.long, device=device)
@@ -409,11 +409,7 @@ def knn_top1(
     train_loader: DataLoader,
     val_loader: DataLoader,
     n_train: int,
-    mean: torch.Tensor,
-    std: torch.Tensor,
-    channels_last: bool,
-    amp_dtype: torch.dtype | None,
-    device: torch.device,
+    prep: InputPrep,
     ctx: DistContext,
 ) -> float:
     """1-nearest-neighbour top-1 (cosine similarity of pooled features; eval-mode BatchNorm, centre crops).
@@ -425,13 +421,13 @@ def knn_top1(
     not depend on the number of processes beyond float order.
     """
     backbone.eval()
-    train_f, train_y = _pooled_features(backbone, train_loader, mean, std, channels_last, amp_dtype, device)
+    train_f, train_y = _pooled_features(backbone, train_loader, prep)
     train_f = gather_strided(train_f, n_train, ctx)
     train_y = gather_strided(train_y, n_train, ctx)
-    val_f, val_y = _pooled_features(backbone, val_loader, mean, std, channels_last, amp_dtype, device)
+    val_f, val_y = _pooled_features(backbone, val_loader, prep)
     correct = 0
     for i in range(0, len(val_f), 1024):  # chunks bound the similarity matrix at FractalDB-1k scale
         nearest = (val_f[i : i + 1024] @ train_f.T).argmax(1)
         correct += int((train_y[nearest] == val_y[i : i + 1024]).sum())
-    correct, total = all_sum([correct, len(val_f)], ctx, device)
+    correct, total = all_sum([correct, len(val_f)], ctx, prep.device)
     return correct / total
