@@ -12,7 +12,7 @@ export OMP_NUM_THREADS ?= $(shell nproc 2>/dev/null || echo 2)
 # Spinning OpenMP waits made 2-thread training 5-10x slower whenever anything else ran (measured).
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: repro test test-fast lint verify validate install bench peer-env peer-bench profile-paper profile-full clean-data prune-lock help
+.PHONY: repro test test-fast lint verify validate install bench peer-env peer-bench profile-paper profile-full profile-workstation clean-data prune-lock help
 
 help:
 	@echo "make repro          install (if needed), validate params.yaml, dvc repro"
@@ -26,6 +26,7 @@ help:
 	@echo "make peer-bench     benchmarks/peer_anomalib.py: vadbench vs anomalib side by side"
 	@echo "make profile-paper  switch params.yaml to the paper-scale profile (profiles/paper.yaml)"
 	@echo "make profile-full   switch params.yaml to every registered model at CPU budgets (profiles/full.yaml)"
+	@echo "make profile-workstation  switch params.yaml to the study's fractal recipe at <= 1 h (profiles/workstation.yaml)"
 	@echo "make plots-deps     chromium + pinned vega builds: offline dvc plots show page and its test"
 
 $(BIN)/python:
@@ -88,6 +89,10 @@ profile-paper: $(STAMP)
 # every registered model at the default's CPU budgets (profiles/make_full.py)
 profile-full: $(STAMP)
 	$(BIN)/vadbench profile full
+
+# the recipe study's fractal pretraining at a workstation budget, ELPV + synthetic_sem (profiles/make_workstation.py)
+profile-workstation: $(STAMP)
+	$(BIN)/vadbench profile workstation
 
 clean-data:
 	rm -rf data/fractals data/pretrain data/backbones data/prepared data/fits data/scores

@@ -52,7 +52,7 @@ from vadbench.data.source import ImageSource  # noqa: E402
 from vadbench.fractals import generate  # noqa: E402
 from vadbench.fractals.build import params_hash  # noqa: E402
 from vadbench.fractals.params import FractalsParams  # noqa: E402
-from vadbench.io import write_json  # noqa: E402
+from vadbench.io import write_json, write_text  # noqa: E402
 from vadbench.metrics.image import image_metrics  # noqa: E402
 from vadbench.metrics.pixel import pixel_metrics  # noqa: E402
 from vadbench.models import create_model, model_class  # noqa: E402
@@ -71,18 +71,43 @@ def _digest(obj: Any) -> str:
 
 
 def load_variants(path: Path, base: Params) -> tuple[dict[str, dict], dict[str, dict]]:
-    """variants.yaml → ({name: {"fractals": FractalsParams, "pretrain": PretrainParams, "note": str}}, models)."""
+    """variants.yaml → ({name: {"fractals": FractalsParams, "pretrain": PretrainParams, "note": str}}, models).
+
+    A variant is params.yaml's sections, then the file's `base:` overrides (which pin the study's reference
+    recipe, so that a later change of params.yaml's defaults never redefines a measured row), then its own
+    overrides. `profile: NAME` starts from profiles/NAME.yaml's sections instead of params.yaml + `base:`.
+    """
     spec = yaml.safe_load(path.read_text())
+    pinned = spec.get("base") or {}
     variants = {}
     for name, over in spec["variants"].items():
         over = over or {}
-        unknown = set(over) - {"fractals", "pretrain", "note"}
+        unknown = set(over) - {"fractals", "pretrain", "note", "profile"}
         if unknown:
-            raise ValueError(f"{path}: variant {name!r}: unknown keys {sorted(unknown)} (fractals, pretrain, note)")
-        fr = FractalsParams.model_validate({**base.fractals.model_dump(), **over.get("fractals", {})})
-        pt = PretrainParams.model_validate({**base.pretrain.model_dump(), **over.get("pretrain", {})})
+            raise ValueError(
+                f"{path}: variant {name!r}: unknown keys {sorted(unknown)} (fractals, pretrain, profile, note)"
+            )
+        if "profile" in over:
+            prof = load_params(ROOT / "profiles" / f"{over['profile']}.yaml")
+            start = {"fractals": prof.fractals.model_dump(), "pretrain": prof.pretrain.model_dump()}
+        else:
+            start = {
+                sec: {**getattr(base, sec).model_dump(), **pinned.get(sec, {})} for sec in ("fractals", "pretrain")
+            }
+        fr = FractalsParams.model_validate({**start["fractals"], **over.get("fractals", {})})
+        pt = PretrainParams.model_validate({**start["pretrain"], **over.get("pretrain", {})})
         variants[name] = {"fractals": fr, "pretrain": pt, "note": over.get("note", "")}
     return variants, spec["models"]
+
+
+def backbone_name(name: str, v: dict | None, arch: str, seed: int) -> tuple[str, str]:
+    """(backbone folder name, pretraining key) of variant `name` at `seed`; the name keys every cached result,
+    so a redefined variant never reuses the rows of its old definition."""
+    if v is None:
+        return f"random-{arch}-s{seed}", ""
+    fr, pt = v["fractals"], v["pretrain"]
+    key = _digest({"fractals": params_hash(seed, fr), "pretrain": pt.model_dump(mode="json"), "seed": seed})
+    return f"{name}-s{seed}-{key}", key
 
 
 def dataset_key(ds: str, args: argparse.Namespace, base: Params) -> tuple[str, int]:
@@ -96,14 +121,14 @@ def dataset_key(ds: str, args: argparse.Namespace, base: Params) -> tuple[str, i
 
 def backbone_for(work: Path, name: str, v: dict | None, arch: str, seed: int) -> tuple[Path, dict]:
     """Backbone dir (weights + card) for variant `name` (None → random init) and seed; cached."""
+    bb_name, key = backbone_name(name, v, arch, seed)
     if v is None:
-        out = work / "backbones" / f"random-{arch}-s{seed}"
+        out = work / "backbones" / bb_name
         if not (out / "card.json").is_file():
             materialize_backbone(out, arch=arch, init="random", seed=seed)
         return out, {}
     fr, pt = v["fractals"], v["pretrain"]
     frac_dir = work / "fractals" / params_hash(seed, fr)
-    key = _digest({"fractals": params_hash(seed, fr), "pretrain": pt.model_dump(mode="json"), "seed": seed})
     pre_dir = work / "pretrain" / key
     info_path = pre_dir / "study.json"
     if not info_path.is_file():
@@ -130,9 +155,11 @@ def backbone_for(work: Path, name: str, v: dict | None, arch: str, seed: int) ->
             "load_end": os.getloadavg()[0],
             "val_top1": json.loads((pre_dir / "metrics.json").read_text()).get("val_top1"),
             "epochs": len(result.log),
+            "seed": seed,
+            "key": key,
         }
         write_json(info_path, info)
-    bb = work / "backbones" / f"{name}-s{seed}-{key}"
+    bb = work / "backbones" / bb_name
     if not (bb / "card.json").is_file():
         materialize_backbone(bb, arch=pt.arch, init="fractal", pretrain_dir=pre_dir / "out")
     return bb, json.loads(info_path.read_text())
@@ -185,11 +212,18 @@ def run(args: argparse.Namespace) -> None:
                 for label, m in models.items():
                     hp = {**base.models[m["model"]], **m.get("params", {})}
                     out = work / "results" / name / f"s{seed}" / f"{ddir.name}-{label}.json"
-                    if out.is_file():
+                    if out.is_file() and json.loads(out.read_text()).get("backbone") == bb.name:
                         continue
                     t0 = time.perf_counter()
                     row = evaluate(ddir, size, bb, m["model"], hp, seed)
-                    row.update(variant=name, seed=seed, dataset=ddir.name, model=label, load=os.getloadavg()[0])
+                    row.update(
+                        variant=name,
+                        seed=seed,
+                        dataset=ddir.name,
+                        model=label,
+                        backbone=bb.name,
+                        load=os.getloadavg()[0],
+                    )
                     write_json(out, row)
                     print(f"{name} s{seed} {ds} {label}: {row['image_auroc']:.3f} ({time.perf_counter() - t0:.0f} s)")
     report(args, variants, models)
@@ -206,9 +240,21 @@ def _mean_std(xs: list[float]) -> str:
 def report(args: argparse.Namespace, variants: dict, models: dict) -> None:
     base = load_params(ROOT / "params.yaml")
     keys = {ds: dataset_key(ds, args, base)[0] for ds in args.datasets}
+    arch = base.pretrain.arch
+    current = {  # (variant, seed) → backbone name of the variant's current definition
+        (name, s): backbone_name(name, variants.get(name), arch, s)
+        for name in ["random", *variants]
+        for s in args.seeds
+    }
     rows = [json.loads(p.read_text()) for p in sorted((args.work / "results").glob("*/s*/*.json"))]
+    by = {
+        (r["variant"], r["seed"], r["dataset"], r["model"]): r
+        for r in rows
+        if (r["variant"], r["seed"]) in current and r.get("backbone") == current[r["variant"], r["seed"]][0]
+    }
+    keys_now = {key for _, key in current.values() if key}
     pre = [json.loads(p.read_text()) for p in sorted((args.work / "pretrain").glob("*/study.json"))]
-    by = {(r["variant"], r["seed"], r["dataset"], r["model"]): r for r in rows}
+    pre = [x for x in pre if x.get("key") in keys_now]
     lines = [
         f"\n## {datetime.now(UTC):%Y-%m-%d %H:%M} UTC — `{' '.join(sys.argv[1:])}`\n",
         f"Machine: {os.cpu_count()} cores; ELPV at {args.image_size} px"
@@ -257,10 +303,9 @@ def report(args: argparse.Namespace, variants: dict, models: dict) -> None:
         lines.append(f"| {name} | {note} | {len(seeds_done)} | {top1} | {secs} | " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n"
     print(text)
-    if not args.no_write:
+    if not args.no_write:  # the latest table replaces the last one: older tables are in git history
         header = "# Fractal pretraining recipe study\n\nWritten by `benchmarks/pretrain_study.py`.\n"
-        old = RESULTS.read_text() if RESULTS.is_file() else header
-        RESULTS.write_text(old + text)
+        write_text(RESULTS, header + text)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -60,6 +60,7 @@ def paper(p: dict) -> dict:
         warmup_epochs=0,
         input_size=256,
         crop_size=224,
+        augment="basic",  # FractalDB's crop + flip (the CPU default's strong augmentation: docs/PRETRAINING.md)
         workers=8,
     )
     p["backbones"] = {

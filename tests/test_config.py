@@ -196,6 +196,31 @@ def test_full_profile_is_valid_current_and_runs_every_model():
     assert profile.read_text() == regenerated, "profiles/full.yaml is stale: run python profiles/make_full.py"
 
 
+def test_workstation_profile_is_valid_and_current():
+    """profiles/workstation.yaml validates, equals what make_workstation.py makes, and differs from the default
+    only where it says: the fractal recipe, the grid and the two frozen-feature models' settings."""
+    import importlib.util
+
+    profile = ROOT / "profiles" / "workstation.yaml"
+    params = load_params(profile)
+    default = load_params(ROOT / "params.yaml")
+    spec = importlib.util.spec_from_file_location("make_workstation", ROOT / "profiles" / "make_workstation.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    regenerated = module.HEADER + yaml.safe_dump(
+        module.workstation(yaml.safe_load((ROOT / "params.yaml").read_text())), sort_keys=False, width=110
+    )
+    assert profile.read_text() == regenerated, (
+        "profiles/workstation.yaml is stale: run python profiles/make_workstation.py"
+    )
+    assert params.run.backbones == ["random", "fractal"] and {"elpv_mono", "elpv_poly"} <= set(params.run.datasets)
+    for key, value in {**module.FRACTALS}.items():
+        assert getattr(params.fractals, key) == value
+    changed = {k for k, v in params.pretrain.model_dump().items() if getattr(default.pretrain, k) != v}
+    assert changed == {k for k, v in module.PRETRAIN.items() if getattr(default.pretrain, k) != v}
+    assert params.models["stfpm"] == default.models["stfpm"]
+
+
 def test_validation_record_skips_nothing_that_could_fail(raw, tmp_path):
     """The `check` stage's record of the last valid params: same bytes → same Params; any edit is validated
     in full again (an invalid model param still stops it), and a stale record is never trusted."""

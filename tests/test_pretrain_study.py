@@ -24,7 +24,16 @@ def test_committed_variants_validate_and_differ():
     base = load_params(ROOT / "params.yaml")
     variants, models = study.load_variants(ROOT / "benchmarks" / "pretrain_study.yaml", base)
     assert "default" in variants and models
-    assert variants["default"]["fractals"] == base.fractals and variants["default"]["pretrain"] == base.pretrain
+    # `base:` pins the pre-study recipe: `default` stays what was measured although params.yaml moved on to
+    # strong augmentation, which is the `strong_aug` row; `workstation` is profiles/workstation.yaml's recipe
+    default, strong = variants["default"], variants["strong_aug"]
+    assert default["fractals"] == base.fractals and default["pretrain"] == base.pretrain.model_copy(
+        update={"augment": "basic"}
+    )
+    assert strong["fractals"] == base.fractals and strong["pretrain"] == base.pretrain
+    workstation = load_params(ROOT / "profiles" / "workstation.yaml")
+    assert variants["workstation"]["fractals"] == workstation.fractals
+    assert variants["workstation"]["pretrain"] == workstation.pretrain
     recipes = [(v["fractals"].model_dump_json(), v["pretrain"].model_dump_json()) for v in variants.values()]
     assert len(set(recipes)) == len(recipes), "two variants of the study file are the same recipe"
     for m in models.values():
@@ -37,3 +46,33 @@ def test_a_bad_override_names_the_variant(tmp_path):
     bad.write_text("models: {}\nvariants:\n  oops: {fractal: {image_size: 128}}\n")
     with pytest.raises(ValueError, match="oops.*unknown keys"):
         study.load_variants(bad, load_params(ROOT / "params.yaml"))
+
+
+def test_the_report_ignores_rows_of_an_old_variant_definition(tmp_path, capsys):
+    """Cached results are keyed by the backbone of the variant's current definition: a row measured with
+    another recipe under the same name (or with no recorded backbone) never reaches the table."""
+    import argparse
+    import json
+
+    study = _study()
+    base = load_params(ROOT / "params.yaml")
+    spec = tmp_path / "v.yaml"
+    spec.write_text("models: {padim_l23: {model: padim}}\nvariants:\n  bigger: {fractals: {num_classes: 8}}\n")
+    variants, models = study.load_variants(spec, base)
+    now, _ = study.backbone_name("bigger", variants["bigger"], "resnet18", 0)
+    rnd, _ = study.backbone_name("random", None, "resnet18", 0)
+    rows = tmp_path / "results"
+    for variant, backbone, auroc in (("random", rnd, 0.5), ("bigger", "bigger-s0-000000000000", 0.9)):
+        (rows / variant / "s0").mkdir(parents=True)
+        row = dict(variant=variant, seed=0, dataset="elpv_mono-256", model="padim_l23", backbone=backbone)
+        (rows / variant / "s0" / "elpv_mono-256-padim_l23.json").write_text(json.dumps({**row, "image_auroc": auroc}))
+    args = argparse.Namespace(
+        work=tmp_path, seeds=[0], datasets=["elpv_mono"], image_size=256, max_train=0, no_write=True
+    )
+    study.report(args, variants, models)
+    table = capsys.readouterr().out
+    assert "| random |" in table and "| bigger |" not in table  # the old definition's 0.9 is not shown
+    stale = rows / "bigger" / "s0" / "elpv_mono-256-padim_l23.json"
+    stale.write_text(stale.read_text().replace("bigger-s0-000000000000", now))
+    study.report(args, variants, models)
+    assert "| bigger |" in capsys.readouterr().out
