@@ -45,10 +45,11 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from peer.data import limit_train, prepare  # noqa: E402
 
 from vadbench.backbones import load_feature_extractor  # noqa: E402
+from vadbench.backbones.extractor import FeatureExtractor  # noqa: E402
 from vadbench.backbones.weights import materialize_backbone  # noqa: E402
 from vadbench.cell import predict_stream  # noqa: E402
 from vadbench.config import Params, load_params  # noqa: E402
-from vadbench.data.source import ImageSource  # noqa: E402
+from vadbench.data.source import ImageSource, float_batches  # noqa: E402
 from vadbench.fractals import generate  # noqa: E402
 from vadbench.fractals.build import params_hash  # noqa: E402
 from vadbench.fractals.params import FractalsParams  # noqa: E402
@@ -89,25 +90,29 @@ def load_variants(path: Path, base: Params) -> tuple[dict[str, dict], dict[str, 
             )
         if "profile" in over:
             prof = load_params(ROOT / "profiles" / f"{over['profile']}.yaml")
-            start = {"fractals": prof.fractals.model_dump(), "pretrain": prof.pretrain.model_dump()}
+            start = {sec: getattr(prof, sec).model_dump(mode="json") for sec in ("fractals", "pretrain")}
         else:
             start = {
-                sec: {**getattr(base, sec).model_dump(), **pinned.get(sec, {})} for sec in ("fractals", "pretrain")
+                sec: {**getattr(base, sec).model_dump(mode="json"), **pinned.get(sec, {})}
+                for sec in ("fractals", "pretrain")
             }
-        fr = FractalsParams.model_validate({**start["fractals"], **over.get("fractals", {})})
-        pt = PretrainParams.model_validate({**start["pretrain"], **over.get("pretrain", {})})
+        # JSON mode, as params.yaml is validated: YAML lists become the schema's tuples
+        fr = FractalsParams.model_validate_json(json.dumps({**start["fractals"], **over.get("fractals", {})}))
+        pt = PretrainParams.model_validate_json(json.dumps({**start["pretrain"], **over.get("pretrain", {})}))
         variants[name] = {"fractals": fr, "pretrain": pt, "note": over.get("note", "")}
     return variants, spec["models"]
 
 
-def backbone_name(name: str, v: dict | None, arch: str, seed: int) -> tuple[str, str]:
-    """(backbone folder name, pretraining key) of variant `name` at `seed`; the name keys every cached result,
-    so a redefined variant never reuses the rows of its old definition."""
+def backbone_name(v: dict | None, arch: str, seed: int) -> tuple[str, str]:
+    """(backbone folder name, pretraining key) of a variant's recipe (None: random init) at `seed`.
+
+    The name hashes the recipe, not the variant's label, and keys every cached result: a redefined variant never
+    reuses the rows of its old definition, and a renamed one keeps its rows."""
     if v is None:
         return f"random-{arch}-s{seed}", ""
     fr, pt = v["fractals"], v["pretrain"]
     key = _digest({"fractals": params_hash(seed, fr), "pretrain": pt.model_dump(mode="json"), "seed": seed})
-    return f"{name}-s{seed}-{key}", key
+    return f"fractal-s{seed}-{key}", key
 
 
 def dataset_key(ds: str, args: argparse.Namespace, base: Params) -> tuple[str, int]:
@@ -121,7 +126,7 @@ def dataset_key(ds: str, args: argparse.Namespace, base: Params) -> tuple[str, i
 
 def backbone_for(work: Path, name: str, v: dict | None, arch: str, seed: int) -> tuple[Path, dict]:
     """Backbone dir (weights + card) for variant `name` (None → random init) and seed; cached."""
-    bb_name, key = backbone_name(name, v, arch, seed)
+    bb_name, key = backbone_name(v, arch, seed)
     if v is None:
         out = work / "backbones" / bb_name
         if not (out / "card.json").is_file():
@@ -165,7 +170,24 @@ def backbone_for(work: Path, name: str, v: dict | None, arch: str, seed: int) ->
     return bb, json.loads(info_path.read_text())
 
 
-def evaluate(dataset_dir: Path, image_size: int, backbone_dir: Path, model: str, hp: dict, seed: int) -> dict:
+@torch.no_grad()
+def adapt_batchnorm(backbone: FeatureExtractor, train: ImageSource, batch_size: int = 16) -> None:
+    """AdaBN (Li et al. 2016), an experiment of the study: replace the frozen backbone's BatchNorm running
+    statistics by those of the train normals (cumulative average over one pass; no labels, no test images)."""
+    norms = [m for m in backbone.net.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+        m.train()
+    for batch in float_batches(train, batch_size, backbone.device):
+        backbone.net(backbone.normalize(batch))
+    for m in norms:
+        m.eval()
+
+
+def evaluate(
+    dataset_dir: Path, image_size: int, backbone_dir: Path, model: str, hp: dict, seed: int, adapt_bn: bool = False
+) -> dict:
     """Fit on the train normals, score the test split → image (and pixel) metrics."""
     set_deterministic(True)
     train = ImageSource(dataset_dir, "train", image_size=image_size)
@@ -175,6 +197,8 @@ def evaluate(dataset_dir: Path, image_size: int, backbone_dir: Path, model: str,
         hp["seed"] = seed
     seed_everything(seed)
     backbone = load_feature_extractor(backbone_dir, hp["layers"], torch.device("cpu"))
+    if adapt_bn:
+        adapt_batchnorm(backbone, train)
     net = create_model(model, backbone=backbone, **hp)
     t0 = time.perf_counter()
     net.fit(train, None)
@@ -211,11 +235,11 @@ def run(args: argparse.Namespace) -> None:
             for ds, (ddir, size) in datasets.items():
                 for label, m in models.items():
                     hp = {**base.models[m["model"]], **m.get("params", {})}
-                    out = work / "results" / name / f"s{seed}" / f"{ddir.name}-{label}.json"
-                    if out.is_file() and json.loads(out.read_text()).get("backbone") == bb.name:
+                    out = work / "results" / bb.name / f"{ddir.name}-{label}.json"
+                    if out.is_file():
                         continue
                     t0 = time.perf_counter()
-                    row = evaluate(ddir, size, bb, m["model"], hp, seed)
+                    row = evaluate(ddir, size, bb, m["model"], hp, seed, adapt_bn=m.get("adapt_bn", False))
                     row.update(
                         variant=name,
                         seed=seed,
@@ -241,17 +265,11 @@ def report(args: argparse.Namespace, variants: dict, models: dict) -> None:
     base = load_params(ROOT / "params.yaml")
     keys = {ds: dataset_key(ds, args, base)[0] for ds in args.datasets}
     arch = base.pretrain.arch
-    current = {  # (variant, seed) → backbone name of the variant's current definition
-        (name, s): backbone_name(name, variants.get(name), arch, s)
-        for name in ["random", *variants]
-        for s in args.seeds
+    current = {  # (variant, seed) → backbone name of the variant's current recipe
+        (name, s): backbone_name(variants.get(name), arch, s) for name in ["random", *variants] for s in args.seeds
     }
-    rows = [json.loads(p.read_text()) for p in sorted((args.work / "results").glob("*/s*/*.json"))]
-    by = {
-        (r["variant"], r["seed"], r["dataset"], r["model"]): r
-        for r in rows
-        if (r["variant"], r["seed"]) in current and r.get("backbone") == current[r["variant"], r["seed"]][0]
-    }
+    rows = [json.loads(p.read_text()) for p in sorted((args.work / "results").glob("*/*.json"))]
+    by = {(r["backbone"], r["dataset"], r["model"]): r for r in rows}
     keys_now = {key for _, key in current.values() if key}
     pre = [json.loads(p.read_text()) for p in sorted((args.work / "pretrain").glob("*/study.json"))]
     pre = [x for x in pre if x.get("key") in keys_now]
@@ -273,14 +291,14 @@ def report(args: argparse.Namespace, variants: dict, models: dict) -> None:
             for m in models:
                 vals, pix, deltas = [], [], []
                 for s in args.seeds:
-                    r = by.get((name, s, keys[ds], m))
+                    r = by.get((current[name, s][0], keys[ds], m))
                     if r is None:
                         continue
                     seeds_done.add(s)
                     vals.append(r["image_auroc"])
                     if r.get("pixel_auroc") is not None:
                         pix.append(r["pixel_auroc"])
-                    ref = by.get(("random", s, keys[ds], m))
+                    ref = by.get((current["random", s][0], keys[ds], m))
                     if ref is not None and name != "random":
                         deltas.append(100 * (r["image_auroc"] - ref["image_auroc"]))
                 cell = _mean_std(vals) + (f" / {_mean_std(pix)}" if pix else "")
@@ -303,9 +321,17 @@ def report(args: argparse.Namespace, variants: dict, models: dict) -> None:
         lines.append(f"| {name} | {note} | {len(seeds_done)} | {top1} | {secs} | " + " | ".join(cells) + " |")
     text = "\n".join(lines) + "\n"
     print(text)
-    if not args.no_write:  # the latest table replaces the last one: older tables are in git history
-        header = "# Fractal pretraining recipe study\n\nWritten by `benchmarks/pretrain_study.py`.\n"
-        write_text(RESULTS, header + text)
+    if not args.no_write:
+        write_text(RESULTS, merge_report(RESULTS.read_text() if RESULTS.is_file() else "", text))
+
+
+def merge_report(old: str, section: str) -> str:
+    """The results file with `section` in place of an older section of the same command (one table per command;
+    older versions are in git history), or appended."""
+    header = "# Fractal pretraining recipe study\n\nWritten by `benchmarks/pretrain_study.py`.\n"
+    command = section.split("`", 2)[1]
+    kept = [part for part in old.split("\n## ")[1:] if part.split("`", 2)[1] != command]
+    return header + "".join("\n## " + part.rstrip("\n") + "\n" for part in kept) + section
 
 
 def main(argv: list[str] | None = None) -> None:

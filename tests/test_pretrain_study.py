@@ -49,8 +49,8 @@ def test_a_bad_override_names_the_variant(tmp_path):
 
 
 def test_the_report_ignores_rows_of_an_old_variant_definition(tmp_path, capsys):
-    """Cached results are keyed by the backbone of the variant's current definition: a row measured with
-    another recipe under the same name (or with no recorded backbone) never reaches the table."""
+    """Cached results are keyed by the backbone of the variant's current recipe: a row measured with another
+    recipe under the same variant name never reaches the table, and a renamed variant keeps its rows."""
     import argparse
     import json
 
@@ -59,20 +59,32 @@ def test_the_report_ignores_rows_of_an_old_variant_definition(tmp_path, capsys):
     spec = tmp_path / "v.yaml"
     spec.write_text("models: {padim_l23: {model: padim}}\nvariants:\n  bigger: {fractals: {num_classes: 8}}\n")
     variants, models = study.load_variants(spec, base)
-    now, _ = study.backbone_name("bigger", variants["bigger"], "resnet18", 0)
-    rnd, _ = study.backbone_name("random", None, "resnet18", 0)
-    rows = tmp_path / "results"
-    for variant, backbone, auroc in (("random", rnd, 0.5), ("bigger", "bigger-s0-000000000000", 0.9)):
-        (rows / variant / "s0").mkdir(parents=True)
+    now, _ = study.backbone_name(variants["bigger"], "resnet18", 0)
+    rnd, _ = study.backbone_name(None, "resnet18", 0)
+    for variant, backbone, auroc in (("random", rnd, 0.5), ("bigger", "fractal-s0-000000000000", 0.9)):
+        (tmp_path / "results" / backbone).mkdir(parents=True)
         row = dict(variant=variant, seed=0, dataset="elpv_mono-256", model="padim_l23", backbone=backbone)
-        (rows / variant / "s0" / "elpv_mono-256-padim_l23.json").write_text(json.dumps({**row, "image_auroc": auroc}))
+        (tmp_path / "results" / backbone / "elpv_mono-256-padim_l23.json").write_text(
+            json.dumps({**row, "image_auroc": auroc})
+        )
     args = argparse.Namespace(
         work=tmp_path, seeds=[0], datasets=["elpv_mono"], image_size=256, max_train=0, no_write=True
     )
     study.report(args, variants, models)
     table = capsys.readouterr().out
-    assert "| random |" in table and "| bigger |" not in table  # the old definition's 0.9 is not shown
-    stale = rows / "bigger" / "s0" / "elpv_mono-256-padim_l23.json"
-    stale.write_text(stale.read_text().replace("bigger-s0-000000000000", now))
+    assert "| random |" in table and "| bigger |" not in table  # the old recipe's 0.9 is not shown
+    (tmp_path / "results" / "fractal-s0-000000000000").rename(tmp_path / "results" / now)
+    stale = tmp_path / "results" / now / "elpv_mono-256-padim_l23.json"
+    stale.write_text(stale.read_text().replace("fractal-s0-000000000000", now).replace('"bigger"', '"old label"'))
     study.report(args, variants, models)
     assert "| bigger |" in capsys.readouterr().out
+
+
+def test_the_results_file_keeps_one_table_per_command():
+    study = _study()
+    a1 = "\n## 2026-12-05 08:00 UTC — `--seeds 0`\n\nold table\n"
+    b = "\n## 2026-12-05 09:00 UTC — `--seeds 0 --models padim_l12`\n\nlayers\n"
+    a2 = "\n## 2026-12-05 10:00 UTC — `--seeds 0`\n\nnew table\n"
+    text = study.merge_report(study.merge_report(study.merge_report("", a1), b), a2)
+    assert text.count("\n## ") == 2 and "old table" not in text and "new table" in text and "layers" in text
+    assert text.startswith("# Fractal pretraining recipe study")
