@@ -94,6 +94,46 @@ def test_map_is_smoothed_sum_of_scale_cosine_distances(quick, teacher, toy_defec
     torch.testing.assert_close(model.predict(test)[1], z, atol=1e-4, rtol=1e-4)
 
 
+def test_loss_flattened_or_per_position(teacher, toy_defect_data):
+    """flattened: the official code's / anomalib's 1 − cos of whole maps; per_position: the paper's eq. 2."""
+    images = toy_defect_data[1][:3]
+    flat = create_model("reverse_distillation", backbone=teacher, seed=0)
+    paper = create_model("reverse_distillation", backbone=teacher, seed=0, loss="per_position")
+    assert flat.p.loss == "flattened"
+    with torch.no_grad():
+        pairs = flat._pairs(images)
+        expected_flat = sum(
+            torch.mean(1 - torch.nn.CosineSimilarity()(t.reshape(len(t), -1), s.reshape(len(s), -1))) for t, s in pairs
+        )
+        expected_paper = sum(
+            np.mean(
+                [
+                    1
+                    - np.dot(t[b, :, i, j], s[b, :, i, j])
+                    / np.linalg.norm(t[b, :, i, j])
+                    / np.linalg.norm(s[b, :, i, j])
+                    for b in range(t.shape[0])
+                    for i in range(t.shape[2])
+                    for j in range(t.shape[3])
+                ]
+            )
+            for t, s in ((t.double().numpy(), s.double().numpy()) for t, s in pairs)
+        )
+        torch.testing.assert_close(flat.loss(images), expected_flat)
+        assert float(paper.loss(images)) == pytest.approx(expected_paper, rel=1e-4)
+        assert abs(float(paper.loss(images)) - float(expected_flat)) > 1e-3  # the two really differ
+
+
+def test_reference_init_is_seeded_kaiming(teacher):
+    """Convs of bottleneck and decoder: Kaiming normal, fan-out (std √(2 / (k²·c_out))), as the official code."""
+    a = create_model("reverse_distillation", backbone=teacher, seed=3)
+    b = create_model("reverse_distillation", backbone=teacher, seed=3)
+    for (name, x), y in zip(a.learned_state().items(), b.learned_state().values()):
+        assert torch.equal(x, y), name
+    conv = a.bottleneck.fuse[0].conv2  # 512 → 512, 3×3: fan-out 4608
+    assert float(conv.weight.detach().std()) == pytest.approx((2 / (9 * 512)) ** 0.5, rel=0.02)
+
+
 @pytest.mark.parametrize(
     "bad",
     [
@@ -104,6 +144,7 @@ def test_map_is_smoothed_sum_of_scale_cosine_distances(quick, teacher, toy_defec
         dict(blocks=0),
         dict(layers=["layer1", "layer2"]),
         dict(epochs="3"),
+        dict(loss="cosine"),
     ],
 )
 def test_params_rejected(teacher, bad):

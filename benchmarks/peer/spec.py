@@ -110,8 +110,8 @@ def build_spec(name: str, params: dict[str, Any], arch: str, epochs: int, corese
         ours.update(epochs=epochs, patience=0, lr=0.005, beta1=0.5, beta2=0.99, map_normalization="none")
         peer = dict(backbone=arch, layers=list(ours["layers"]))
         notes = (
-            f"decoder: ours {ours['blocks']} residual blocks per stage; anomalib's de_resnet18 uses its BasicBlock "
-            "layout (2 per stage); bottleneck layouts differ in detail",
+            "same OCBE and de_resnet layout, loss (1 − cos of flattened maps) and init scheme (Kaiming fan-out); "
+            "the init draws come from each library's own RNG",
         )
         return ModelSpec(name, ours, peer, epochs, notes)
     # cflow
