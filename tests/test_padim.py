@@ -66,6 +66,9 @@ def test_gaussians_and_distances_match_reference(fitted, toy_defect_data):
     model, _, _, maps = fitted
     train, test = toy_defect_data[0], toy_defect_data[1]
     x = _embeddings(model, train)
+    # channels are kept per layer before resizing: exactly the written-out concatenate-then-select embedding
+    with torch.no_grad():
+        np.testing.assert_array_equal(model._embed(test[:3]).double().numpy(), _embeddings(model, test[:3]))
     for pos in [(0, 0), (7, 9), (15, 3)]:
         v = x[:, :, pos[0], pos[1]]  # (N, d)
         cov = np.cov(v, rowvar=False) + 0.01 * np.eye(v.shape[1])
