@@ -47,7 +47,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from peer import report  # noqa: E402
-from peer.spec import ALL_MODELS, DEFAULT_MODELS, PEER_CLASS, build_spec  # noqa: E402
+from peer.spec import ALL_MODELS, DEFAULT_MODELS, PEER_CLASS, build_spec, train_patches  # noqa: E402
 
 DATASETS = ("synthetic_sem", "elpv_mono", "elpv_poly", "folder")
 DEFAULT_SIZE = {"synthetic_sem": 128, "elpv_mono": 256, "elpv_poly": 256, "folder": 256}
@@ -157,7 +157,8 @@ def bench_model(
     if name == "patchcore":
         params["layers"] = list(args.patchcore_layers)
     card = json.loads((bb_dir / "card.json").read_text())
-    spec = build_spec(name, params, card["arch"], args.epochs, args.coreset_ratio)
+    patches = train_patches(data["n_train"], data["image_size"], params["layers"]) if name == "patchcore" else None
+    spec = build_spec(name, params, card["arch"], args.epochs, args.coreset_ratio, patches)
     runs: dict[str, list[dict[str, Any]]] = {"ours": [], "anomalib": []}
     base = args.work / "runs" / f"{dataset_dir.name}-{bb_dir.name}-{name}"
     if args.report_only:  # an interrupted run's finished runs, in their order

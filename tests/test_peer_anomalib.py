@@ -16,7 +16,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import peer_anomalib  # noqa: E402
 from peer import report  # noqa: E402
 from peer.data import export_folder, limit_train  # noqa: E402
-from peer.spec import DEFAULT_MODELS, PEER_CLASS, build_spec  # noqa: E402
+from peer.spec import DEFAULT_MODELS, PEER_CLASS, build_spec, train_patches  # noqa: E402
 
 
 def test_defaults_and_quick_flag():
@@ -81,6 +81,14 @@ def test_specs_share_hyperparameters():
     pc = build_spec("patchcore", params["patchcore"], "resnet18", 5, 0.01)
     assert pc.peer["coreset_sampling_ratio"] == pc.ours["coreset_ratio"] == 0.01
     assert pc.peer["layers"] == pc.ours["layers"] and pc.epochs is None
+    # anomalib's coreset projects to sklearn's JL dimension at eps 0.9 from one random start: ours follows
+    from sklearn.random_projection import johnson_lindenstrauss_min_dim
+
+    n = train_patches(233, 256, ["layer2", "layer3"])
+    assert n == 238_592
+    aligned = build_spec("patchcore", params["patchcore"], "resnet18", 5, 0.01, n)
+    assert aligned.ours["projection_dim"] == int(johnson_lindenstrauss_min_dim(n, eps=0.9)) == 305
+    assert aligned.ours["num_starts"] == 1
     st = build_spec("stfpm", params["stfpm"], "resnet18", 4, None)
     # anomalib hard-codes SGD lr 0.4, weight decay 1e-3 on a loss summed over the batch, no early stopping: ours
     # (a batch-mean loss) follows with lr × B and weight decay ÷ B, the same SGD steps

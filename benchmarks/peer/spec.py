@@ -9,6 +9,7 @@ run the same recipe. What cannot be aligned is listed in `ModelSpec.mismatches` 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,8 +51,30 @@ class ModelSpec:
     mismatches: tuple[str, ...] = field(default_factory=tuple)
 
 
-def build_spec(name: str, params: dict[str, Any], arch: str, epochs: int, coreset_ratio: float | None) -> ModelSpec:
-    """`params`: params.yaml's `models.<name>` section; `epochs`: for every trained model, both sides."""
+RESNET_STRIDE = {"layer1": 4, "layer2": 8, "layer3": 16, "layer4": 32}
+
+
+def jl_min_dim(n_samples: int, eps: float) -> int:
+    """sklearn's / anomalib's `johnson_lindenstrauss_min_dim`: 4 ln n / (ε²/2 − ε³/3), floored."""
+    return int(4 * math.log(n_samples) / (eps**2 / 2 - eps**3 / 3))
+
+
+def train_patches(n_train: int, image_size: int, layers: list[str]) -> int:
+    """PatchCore's bank rows before the coreset: one per position of the first layer's grid per train image."""
+    side = image_size // RESNET_STRIDE[layers[0]]
+    return n_train * side * side
+
+
+def build_spec(
+    name: str,
+    params: dict[str, Any],
+    arch: str,
+    epochs: int,
+    coreset_ratio: float | None,
+    patches: int | None = None,
+) -> ModelSpec:
+    """`params`: params.yaml's `models.<name>` section; `epochs`: for every trained model, both sides;
+    `patches`: PatchCore's bank rows before the coreset (`train_patches`), for anomalib's projection size."""
     if name in UNSUPPORTED:
         raise ValueError(f"{name}: {UNSUPPORTED[name]}")
     if name not in PEER_CLASS:
@@ -61,6 +84,10 @@ def build_spec(name: str, params: dict[str, Any], arch: str, epochs: int, corese
         if coreset_ratio is not None:
             ours["coreset_ratio"] = coreset_ratio
         ours.update(memory_budget_gb=8.0)  # single pass, as anomalib (the budget only matters at scale)
+        if patches is not None:
+            # anomalib's KCenterGreedy: SparseRandomProjection(eps=0.9) to the JL dimension of N rows (305 at
+            # 238,592), one random start; ours moves to the same projection size and a single start
+            ours.update(projection_dim=jl_min_dim(patches, 0.9), num_starts=1)
         peer = dict(
             backbone=arch,
             layers=list(ours["layers"]),
@@ -68,8 +95,8 @@ def build_spec(name: str, params: dict[str, Any], arch: str, epochs: int, corese
             num_neighbors=ours["num_neighbors"],
         )
         notes = (
-            "coreset: ours projects to 128 dims (JL) and takes the best of 10 random starts; anomalib's KCenterGreedy "
-            "uses SparseRandomProjection(eps=0.9) and one random start: same ratio, different picks",
+            f"coreset: same ratio, JL projection to {ours['projection_dim']} dims and one random start on both sides; "
+            "ours a dense Gaussian projection, anomalib a sparse one (SparseRandomProjection): different picks",
             f"ours neighborhood {ours['neighborhood']}, σ={ours['sigma']}; anomalib AvgPool 3×3, Gaussian σ=4 (same)",
         )
         return ModelSpec(name, ours, peer, None, notes)
