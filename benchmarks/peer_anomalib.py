@@ -19,7 +19,8 @@ Protocol, per dataset × backbone × model:
   `--fractal-dir`, default data/backbones/fractal), loaded by anomalib through timm's local-file route, and the
   backbone card's mean/std on both sides;
 * runs alternate ours, anomalib, ours, … (`--runs` each), every run a fresh process (peak RSS = that run's VmHWM,
-  imports included); medians with min–max;
+  imports included), a side's k-th run with model seed `--seed` + k (so accuracy is a median over seeds, not one
+  seed's draw; the backbone weights stay those of `--seed`), medians with min–max;
 * trained models run `--epochs` epochs on both sides; neither side sees validation normals (anomalib's Folder
   gets no validation loader, ours fits with `val=None`): no early stopping, no best-epoch restore, last epoch kept;
   fit time per epoch is the whole fit (backbone build included) divided by the epochs;
@@ -171,11 +172,12 @@ def bench_model(
             runs[side].append(rec)
         return runs, [], spec.mismatches
     shutil.rmtree(base, ignore_errors=True)
+    seeds = report.run_seeds(args.runs, args.seed)
     for i, side in enumerate(report.alternation(args.runs)):
         run_dir = base / f"{i:02d}-{side}"
         run_dir.mkdir(parents=True)
         job = run_dir / "job.json"
-        common = dict(image_size=data["image_size"], out_dir=str(run_dir), seed=args.seed, threads=args.threads)
+        common = dict(image_size=data["image_size"], out_dir=str(run_dir), seed=seeds[i], threads=args.threads)
         if side == "ours":
             job.write_text(json.dumps(dict(common, dataset_dir=str(dataset_dir), backbone_dir=str(bb_dir),
                                            model=name, hparams=spec.ours)))  # fmt: skip
@@ -319,7 +321,8 @@ def write(args: argparse.Namespace, sections: list[list[str]], started: float, l
             else []
         ),  # fmt: skip
         f"Runs per side: {args.runs} (alternating); trained models: {args.epochs} epochs on both sides. "
-        "Cells: median (min–max); ratios of medians; accuracy differences in AUROC points.",
+        f"Run k of each side fits with model seed {args.seed}+k (both sides the same seeds; backbone weights: seed "
+        f"{args.seed}). Cells: median (min–max); ratios of medians; accuracy differences in AUROC points.",
         "",
     ]
     text = "\n".join(head + [line for s in sections for line in s]) + "\n"

@@ -69,6 +69,11 @@ def test_targets_flag_misses():
     assert "fit time 1.50× anomalib's ✗" in text
 
 
+def test_each_side_runs_the_same_seeds():
+    assert report.alternation(3) == ["ours", "anomalib"] * 3
+    assert report.run_seeds(3, 5) == [5, 5, 6, 6, 7, 7]
+
+
 def test_aupro_table_reports_difference():
     lines = report.aupro_table([{"model": "padim", "side": "ours", "ours_aupro": 0.5, "anomalib_aupro": 0.52}])
     assert lines[-1].endswith("| +2.0e-02 |")

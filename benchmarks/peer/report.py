@@ -28,6 +28,17 @@ def alternation(n: int) -> list[str]:
     return [SIDES[i % 2] for i in range(2 * n)]
 
 
+def run_seeds(n: int, base: int) -> list[int]:
+    """The model seed of each run of `alternation(n)`: a side's k-th run uses base + k, so each side's accuracy
+    is a median over n seeds (the same n seeds on both sides), not one seed's luck."""
+    seen: dict[str, int] = {}
+    seeds = []
+    for side in alternation(n):
+        seeds.append(base + seen.get(side, 0))
+        seen[side] = seen.get(side, 0) + 1
+    return seeds
+
+
 def summarize(values: Sequence[float | None]) -> dict[str, float] | None:
     """Median, min, max of the defined values (None when there are none)."""
     vals = [float(v) for v in values if v is not None]
@@ -58,7 +69,7 @@ def model_rows(model: str, runs: dict[str, list[dict[str, Any]]]) -> list[str]:
     lines = []
     for side in SIDES:
         n = len(runs.get(side, []))
-        cells = [_cell(stats[side][key], d, key in TIMED) for key, _, d, _ in COLUMNS]
+        cells = [_cell(stats[side][key], d, True) for key, _, d, _ in COLUMNS]
         lines.append(f"| {model if side == 'ours' else ''} | {side} ({n}) | " + " | ".join(cells) + " |")
     ratios = []
     for key, _, _, _ in COLUMNS:
