@@ -309,7 +309,8 @@ def report(args: argparse.Namespace, variants: dict, models: dict) -> None:
                 cells.append(cell)
         if not seeds_done:
             continue
-        p = [x for x in pre if x["variant"] == name]
+        own = {current[name, s][1] for s in args.seeds}  # by recipe, not label: a renamed variant keeps its timings
+        p = [x for x in pre if x.get("key") in own]
         top1 = _mean_std([x["val_top1"] for x in p if x.get("val_top1") is not None])
         secs = (
             f"{statistics.mean(x['fractals_s'] for x in p):.0f} + {statistics.mean(x['pretrain_s'] for x in p):.0f}"

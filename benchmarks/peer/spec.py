@@ -28,9 +28,10 @@ DEFAULT_MODELS = ("patchcore", "padim", "stfpm", "fastflow", "reverse_distillati
 ALL_MODELS = (*DEFAULT_MODELS, "efficientad_s")
 UNSUPPORTED = {
     "efficientad_s": (
-        "anomalib's EfficientAd downloads its pretrained PDN teacher (and ImageNette for the penalty) from the "
-        "internet at fit time; there is no constructor argument for a local teacher, and ours is distilled from our "
-        "own backbone (stage distill). Not comparable offline on equal weights: not run."
+        "anomalib's EfficientAd loads its PDN teacher from <anomalib pretrained dir>/efficientad_pretrained_weights/"
+        "pretrained_teacher_small.pth and ImageNette (the penalty images) from imagenet_dir, downloading either when "
+        "absent; ours distils its teacher from our backbone (stage distill). Equal weights need our PDN converted to "
+        "anomalib's layout (names, padding) at that path and an image folder for the penalty: not built yet, so not run."
     ),
 }
 
