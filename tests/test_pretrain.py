@@ -227,7 +227,10 @@ def test_default_recipe_is_unchanged(tmp_path, one_thread):
     assert not {"objective", "augment", "crop_scale", "val_metric"} & set(extra)  # default card: as before
     expected = DEFAULT_RECIPE_WEIGHTS_SHA256.get(_machine_kind())
     if expected is None:
-        pytest.skip(f"no default-recipe weights hash recorded for machine kind {_machine_kind()}")
+        # no hash recorded for this machine kind (float kernels differ between kinds): the weights must at least be
+        # reproducible here, byte for byte, from a second run of the same recipe
+        _run(fr, tmp_path / "again", tmp_path / "work-again", epochs=2)
+        expected = sha256_file(tmp_path / "again" / "pretrain" / "weights.safetensors")
     assert sha256_file(tmp_path / "pretrain" / "weights.safetensors") == expected, (
         "default (classification, basic) weights changed: they must stay byte-identical; if torch/timm changed, "
         "rerun this run at commit baf76a5 and record the hash for this kind"

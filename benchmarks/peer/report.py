@@ -31,12 +31,7 @@ def alternation(n: int) -> list[str]:
 def run_seeds(n: int, base: int) -> list[int]:
     """The model seed of each run of `alternation(n)`: a side's k-th run uses base + k, so each side's accuracy
     is a median over n seeds (the same n seeds on both sides), not one seed's luck."""
-    seen: dict[str, int] = {}
-    seeds = []
-    for side in alternation(n):
-        seeds.append(base + seen.get(side, 0))
-        seen[side] = seen.get(side, 0) + 1
-    return seeds
+    return [base + i // len(SIDES) for i in range(len(SIDES) * n)]
 
 
 def summarize(values: Sequence[float | None]) -> dict[str, float] | None:
@@ -54,11 +49,11 @@ def ratio(ours: dict[str, float] | None, theirs: dict[str, float] | None) -> flo
     return ours["median"] / theirs["median"]
 
 
-def _cell(s: dict[str, float] | None, digits: int, spread: bool) -> str:
+def _cell(s: dict[str, float] | None, digits: int) -> str:
     if s is None:
         return "n/a"
     text = f"{s['median']:.{digits}f}"
-    if spread and s["n"] > 1:
+    if s["n"] > 1:
         text += f" ({s['min']:.{digits}f}–{s['max']:.{digits}f})"
     return text
 
@@ -69,7 +64,7 @@ def model_rows(model: str, runs: dict[str, list[dict[str, Any]]]) -> list[str]:
     lines = []
     for side in SIDES:
         n = len(runs.get(side, []))
-        cells = [_cell(stats[side][key], d, True) for key, _, d, _ in COLUMNS]
+        cells = [_cell(stats[side][key], d) for key, _, d, _ in COLUMNS]
         lines.append(f"| {model if side == 'ours' else ''} | {side} ({n}) | " + " | ".join(cells) + " |")
     ratios = []
     for key, _, _, _ in COLUMNS:

@@ -9,7 +9,6 @@ run the same recipe. What cannot be aligned is listed in `ModelSpec.mismatches` 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,8 +55,10 @@ RESNET_STRIDE = {"layer1": 4, "layer2": 8, "layer3": 16, "layer4": 32}
 
 
 def jl_min_dim(n_samples: int, eps: float) -> int:
-    """sklearn's / anomalib's `johnson_lindenstrauss_min_dim`: 4 ln n / (ε²/2 − ε³/3), floored."""
-    return int(4 * math.log(n_samples) / (eps**2 / 2 - eps**3 / 3))
+    """The projection size anomalib's coreset uses: the Johnson–Lindenstrauss bound, as sklearn computes it."""
+    from sklearn.random_projection import johnson_lindenstrauss_min_dim  # the parent only; keeps imports light
+
+    return int(johnson_lindenstrauss_min_dim(n_samples, eps=eps))
 
 
 def train_patches(n_train: int, image_size: int, layers: list[str]) -> int:
