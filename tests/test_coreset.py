@@ -56,6 +56,31 @@ def test_greedy_matches_brute_force_k_center(dim):
     assert ours.tolist() == brute_force_greedy(points.astype(np.float64), starts, 40)
 
 
+def test_pruned_updates_pick_as_the_full_pass_and_read_few_rows(monkeypatch):
+    # clustered points, as patch features are: the triangle-inequality test must skip most rows after
+    # the first picks, and the picks must still be exactly those of the full float64 pass
+    import vadbench.models.components.coreset as coreset
+
+    rng = np.random.default_rng(7)
+    centers = rng.normal(size=(30, 16)) * 8
+    points = (centers[rng.integers(0, 30, 1500)] + rng.normal(size=(1500, 16))).astype(np.float32)
+    starts = rng.choice(1500, 10, replace=False)
+    read = []
+    full = coreset._distances_at
+    monkeypatch.setattr(
+        coreset, "_distances_at", lambda pts, rows, *a: read.append(rows.numel()) or full(pts, rows, *a)
+    )
+    ours = greedy_coreset_indices(
+        torch.from_numpy(points),
+        150,
+        torch.Generator().manual_seed(0),
+        projection_dim=None,
+        start_indices=torch.from_numpy(starts),
+    )
+    assert ours.tolist() == brute_force_greedy(points.astype(np.float64), starts, 150)
+    assert len(read) == 150 and sum(read) < 0.25 * 1500 * 150
+
+
 def test_full_selection_is_a_permutation():
     # once picked, a point's distance is exactly 0, so it is never picked twice
     x = torch.randn(64, 8, generator=torch.Generator().manual_seed(1))

@@ -10,8 +10,16 @@ Every sampler returns row *indices* into the feature matrix, so the caller keeps
 3. repeat: pick the point farthest from the coreset, then lower every point's distance with its
    distance to the new pick.
 
-Memory stays flat: the min-distance vector and one (chunk, dim) scratch buffer are allocated once and
-every update writes in place. (Allocating fresh temporaries per iteration fragments glibc malloc
+Step 3 skips the points the new pick cannot get closer to (triangle inequality, as in accelerated
+k-means/k-center): each point keeps a reference center a (the last pick that lowered it, initially the
+first start) and its distance r to it; the pick c can lower the point's distance u only if
+d(a, c) − r < u, so only those rows are read. The picks are those of the full pass: a skipped point's
+distance to c is ≥ u, and the rows that are read get the same arithmetic. A full pass over N × pdim
+floats is memory-bound (~24 ms for 238k × 305 here); after the first picks only a few per cent of the
+rows pass the test (measured on ELPV features: 4 %, 7× faster over the whole selection).
+
+Memory stays flat: the per-point vectors, the picks' rows and one (chunk, dim) scratch buffer are
+allocated once and every update writes in place. (Allocating fresh temporaries per iteration fragments glibc malloc
 until a long selection loop is OOM-killed; see shared/notes/environment.md.)
 
 Banks larger than a memory budget (`plan_bank`, `ChunkedCoreset`): when all rows and the selection
@@ -76,6 +84,22 @@ def _distances_to(points: torch.Tensor, center: torch.Tensor, out: torch.Tensor,
     return out.sqrt_()
 
 
+def _distances_at(
+    points: torch.Tensor, rows: torch.Tensor, center: torch.Tensor, out: torch.Tensor, scratch: torch.Tensor
+) -> torch.Tensor:
+    """`_distances_to` for the rows `rows` (M,) of `points` only, written into `out` (M,): the same
+    arithmetic per row, the rows gathered chunk by chunk into `scratch`."""
+    chunk = scratch.shape[0]
+    for start in range(0, rows.numel(), chunk):
+        stop = min(rows.numel(), start + chunk)
+        buf = scratch[: stop - start]
+        torch.index_select(points, 0, rows[start:stop], out=buf)
+        buf.sub_(center)
+        buf.mul_(buf)
+        torch.sum(buf, dim=1, out=out[start:stop])
+    return out.sqrt_()
+
+
 def greedy_coreset_indices(
     features: torch.Tensor,
     n_select: int,
@@ -104,20 +128,49 @@ def greedy_coreset_indices(
     if start_indices is None:
         start_indices = torch.randperm(n, generator=generator)[: min(num_starts, n)]
 
-    min_dist = torch.zeros(n, dtype=torch.float32, device=points.device)
+    dev, dim = points.device, points.shape[1]
+    min_dist = torch.zeros(n, dtype=torch.float32, device=dev)
     dist = torch.empty_like(min_dist)
-    scratch = torch.empty(min(chunk_size, n), points.shape[1], dtype=torch.float32, device=points.device)
+    scratch = torch.empty(min(chunk_size, n), dim, dtype=torch.float32, device=dev)
     # start: mean distance to the random starting points (the official code's "anchor distances")
     for s in start_indices.tolist():
         min_dist.add_(_distances_to(points, points[s], dist, scratch))
     min_dist.div_(len(start_indices))
 
-    picked = torch.empty(n_select, dtype=torch.int64, device=points.device)
+    # pruning state: each point's reference center (row of `centers`: 0 is the first start, i + 1 the
+    # i-th pick) and its distance to it; the other buffers are per-iteration scratch, sliced, never grown
+    ref = torch.zeros(n, dtype=torch.int32, device=dev)
+    ref_dist = _distances_to(points, points[int(start_indices[0])], torch.empty_like(min_dist), scratch)
+    centers = torch.empty(n_select + 1, dim, dtype=torch.float32, device=dev)
+    centers[0] = points[int(start_indices[0])]
+    center_dist = torch.empty(n_select + 1, dtype=torch.float32, device=dev)
+    bound, ref_dist_rows = torch.empty_like(min_dist), torch.empty_like(min_dist)
+    ref_rows = torch.empty_like(ref)
+    maybe_closer = torch.empty(n, dtype=torch.bool, device=dev)
+    rows_buf = torch.empty(n, 1, dtype=torch.int64, device=dev)
+
+    picked = torch.empty(n_select, dtype=torch.int64, device=dev)
     for i in tqdm(range(n_select), desc="coreset", disable=not progress, leave=False):
-        idx = torch.argmax(min_dist).view(1)  # first maximum on ties; stays a tensor: no GPU sync
+        idx = torch.argmax(min_dist).view(1)  # first maximum on ties
         picked[i : i + 1] = idx
         center = points.index_select(0, idx)[0]
-        torch.minimum(min_dist, _distances_to(points, center, dist, scratch), out=min_dist)
+        centers[i + 1] = center
+        # lower bound of each point's distance to the pick, d(ref, pick) − d(point, ref), shrunk by a
+        # relative 2⁻¹⁶ so that rounding can only add rows to read, never drop one
+        dc = _distances_to(centers[: i + 2], center, center_dist[: i + 2], scratch)
+        torch.index_select(dc, 0, ref, out=bound)
+        bound.sub_(ref_dist).mul_(1 - 2**-16)
+        torch.lt(bound, min_dist, out=maybe_closer)
+        rows = torch.nonzero(maybe_closer, out=rows_buf.resize_(0))[:, 0]  # regrown within its storage
+        m = rows.numel()
+        d = _distances_at(points, rows, center, dist[:m], scratch)
+        current = torch.index_select(min_dist, 0, rows, out=bound[:m])
+        closer = torch.lt(d, current, out=maybe_closer[:m])
+        min_dist.index_copy_(0, rows, torch.minimum(d, current, out=current))
+        rd = torch.index_select(ref_dist, 0, rows, out=ref_dist_rows[:m])
+        ref_dist.index_copy_(0, rows, torch.where(closer, d, rd, out=rd))
+        rf = torch.index_select(ref, 0, rows, out=ref_rows[:m])
+        ref.index_copy_(0, rows, rf.masked_fill_(closer, i + 1))
     return picked
 
 
@@ -176,8 +229,10 @@ def selection_scratch_bytes(
     Counted from the code above (greedy): the projected points (n × pdim float32) and the projection
     matrix, a float32 copy of half-precision rows in 65,536-row slices (or whole, without projection),
     the start permutation (n int64, kept alive by its slice), `min_dist` and `dist` (2n float32), the
-    distance scratch (≤ 16,384 × pdim float32) and the picks (m int64). Random: the permutation and the
-    sorted picks. The caller's copy of the kept rows is not included (`plan_bank` adds it).
+    pruning state and scratch (per point: 5 float32/int32, a bool and an int64 row index; the picks'
+    rows, m + 1 × (pdim + 1) float32), the distance scratch (≤ 16,384 × pdim float32) and the picks
+    (m int64). Random: the permutation and the sorted picks. The caller's copy of the kept rows is not
+    included (`plan_bank` adds it).
     """
     if method == "identity" or m == n:
         return n * 8  # arange
@@ -190,7 +245,8 @@ def selection_scratch_bytes(
         b += dim * pdim * 4 + n * pdim * 4 + (min(65536, n) * dim * 4 if itemsize != 4 else 0)
     elif itemsize != 4:
         b += n * dim * 4
-    return b + n * 8 + 2 * n * 4 + min(16384, n) * pdim * 4 + m * 8
+    pruning = n * (5 * 4 + 1 + 8) + (m + 1) * (pdim + 1) * 4
+    return b + n * 8 + 2 * n * 4 + pruning + min(16384, n) * pdim * 4 + m * 8
 
 
 @dataclass(frozen=True)
