@@ -6,6 +6,7 @@
     .venv/bin/python benchmarks/peer_anomalib.py --dataset elpv_mono --image-size 256 --max-train 233 \
         --models patchcore
     .venv/bin/python benchmarks/peer_anomalib.py --dataset folder --normal-dir D --abnormal-dir D [--mask-dir D]
+    .venv/bin/python benchmarks/peer_anomalib.py --models efficientad_s --epochs 1   # on request: 256 px networks
 
 anomalib lives in its own interpreter (`--peer-python`, default `.venv-peer/bin/python`; `make peer-env` builds
 it: python3.11 venv, torch 2.14.1 / torchvision 0.29.1, then `pip install -e '.[peer]'`-equivalent pins without
@@ -23,6 +24,8 @@ Protocol, per dataset × backbone × model:
   seed's draw; the backbone weights stay those of `--seed`), medians with min–max;
 * trained models run `--epochs` epochs on both sides; neither side sees validation normals (anomalib's Folder
   gets no validation loader, ours fits with `val=None`): no early stopping, no best-epoch restore, last epoch kept;
+  EfficientAD is the exception: both sides get the validation normals for its map quantiles, and both use one
+  teacher PDN distilled from the backbone on our fractals (`--fractals-dir`; once per backbone, `peer/teacher.py`);
   fit time per epoch is the whole fit (backbone build included) divided by the epochs;
 * both sides dump raw test scores and maps; the metrics are computed here with OUR metric code on both, on the
   full test set (anomalib's Folder default would move half of it into validation: `val_split_mode="none"`);
@@ -49,6 +52,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from peer import report  # noqa: E402
 from peer.spec import ALL_MODELS, DEFAULT_MODELS, PEER_CLASS, build_spec, train_patches  # noqa: E402
+from peer.teacher import prepare_teacher  # noqa: E402
 
 DATASETS = ("synthetic_sem", "elpv_mono", "elpv_poly", "folder")
 DEFAULT_SIZE = {"synthetic_sem": 128, "elpv_mono": 256, "elpv_poly": 256, "folder": 256}
@@ -66,6 +70,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), choices=ALL_MODELS)
     ap.add_argument("--backbones", nargs="+", default=["random"], choices=["random", "fractal"])
     ap.add_argument("--fractal-dir", type=Path, default=ROOT / "data/backbones/fractal")
+    ap.add_argument(
+        "--fractals-dir", type=Path, default=ROOT / "data/fractals", help="fractal images: EfficientAD's teacher"
+    )
     ap.add_argument("--runs", type=int, default=3, help="runs per side, alternating")
     ap.add_argument("--epochs", type=int, default=3, help="epochs of every trained model, both sides")
     ap.add_argument("--coreset-ratio", type=float, default=0.01, help="PatchCore, both sides (the paper's 1 %%)")
@@ -96,6 +103,12 @@ def model_params(name: str) -> dict[str, Any]:
     import yaml
 
     return dict(yaml.safe_load((ROOT / "params.yaml").read_text())["models"][name])
+
+
+def distill_params() -> dict[str, Any]:
+    import yaml
+
+    return dict(yaml.safe_load((ROOT / "params.yaml").read_text())["distill"])
 
 
 def machine() -> str:
@@ -159,7 +172,9 @@ def bench_model(
         params["layers"] = list(args.patchcore_layers)
     card = json.loads((bb_dir / "card.json").read_text())
     patches = train_patches(data["n_train"], data["image_size"], params["layers"]) if name == "patchcore" else None
-    spec = build_spec(name, params, card["arch"], args.epochs, args.coreset_ratio, patches)
+    spec = build_spec(
+        name, params, card["arch"], args.epochs, args.coreset_ratio, patches, data["n_train"], data["image_size"]
+    )
     runs: dict[str, list[dict[str, Any]]] = {"ours": [], "anomalib": []}
     base = args.work / "runs" / f"{dataset_dir.name}-{bb_dir.name}-{name}"
     if args.report_only:  # an interrupted run's finished runs, in their order
@@ -172,6 +187,18 @@ def bench_model(
             runs[side].append(rec)
         return runs, [], spec.mismatches
     shutil.rmtree(base, ignore_errors=True)
+    extra_ours: dict[str, Any] = {}
+    extra_peer: dict[str, Any] = {}
+    if spec.needs_val:
+        if not data["n_val"]:
+            raise ValueError(f"{name} needs validation normals; {dataset_dir} has no val split")
+        extra_ours["use_val"], extra_peer["val_dir"] = True, "val/good"
+    if name == "efficientad_s":
+        teacher = prepare_teacher(args.work / f"teacher-{bb_dir.name}", bb_dir, args.fractals_dir, distill_params(),
+                                  args.seed)  # fmt: skip
+        extra_ours["teacher_dir"] = str(teacher["ours"])
+        extra_peer.update(teacher_root=str(teacher["anomalib_root"]), penalty_dir=str(teacher["penalty"]),
+                          net_size=spec.ours["image_size"])  # fmt: skip
     seeds = report.run_seeds(args.runs, args.seed)
     for i, side in enumerate(report.alternation(args.runs)):
         run_dir = base / f"{i:02d}-{side}"
@@ -180,13 +207,14 @@ def bench_model(
         common = dict(image_size=data["image_size"], out_dir=str(run_dir), seed=seeds[i], threads=args.threads)
         if side == "ours":
             job.write_text(json.dumps(dict(common, dataset_dir=str(dataset_dir), backbone_dir=str(bb_dir),
-                                           model=name, hparams=spec.ours)))  # fmt: skip
+                                           model=name, hparams=spec.ours, **extra_ours)))  # fmt: skip
             cmd = [sys.executable, str(ROOT / "benchmarks/peer/ours_child.py"), str(job)]
         else:
             peer_job = dict(common, folder=str(folder), model_class=PEER_CLASS[name], kwargs=spec.peer,
                             pre_trained="pre_trained" in _peer_args(name), epochs=spec.epochs,
                             batch_size=spec.ours.get("batch_size", 16), arch=card["arch"],
-                            weights=str(bb_dir / "weights.safetensors"), mean=card["mean"], std=card["std"])  # fmt: skip
+                            weights=str(bb_dir / "weights.safetensors"), mean=card["mean"], std=card["std"],
+                            **extra_peer)  # fmt: skip
             job.write_text(json.dumps(peer_job))
             cmd = [str(args.peer_python), str(ROOT / "benchmarks/peer/anomalib_child.py"), "run", str(job)]
         load = os.getloadavg()[0]
@@ -222,8 +250,9 @@ def _stored(run_dir: Path) -> dict[str, Any]:
 
 
 def _peer_args(name: str) -> set[str]:
-    """anomalib constructor arguments that take `pre_trained` (STFPM has none: its teacher is always pretrained)."""
-    return set() if name == "stfpm" else {"pre_trained"}
+    """anomalib constructor arguments that take `pre_trained` (STFPM has none: its teacher is always pretrained;
+    EfficientAd none: its teacher is a PDN file, here ours)."""
+    return set() if name in ("stfpm", "efficientad_s") else {"pre_trained"}
 
 
 def backbone_dir(args: argparse.Namespace, which: str) -> Path:

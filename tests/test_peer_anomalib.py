@@ -102,10 +102,52 @@ def test_specs_share_hyperparameters():
     assert st.ours["lr"] == pytest.approx(0.4 * b) and st.ours["weight_decay"] == pytest.approx(0.001 / b)
     assert st.ours["patience"] == 0 and st.ours["epochs"] == st.epochs == 4
     for name in DEFAULT_MODELS:
-        spec = build_spec(name, params[name], "resnet18", 2, 0.01)
-        assert spec.peer["backbone"] == "resnet18" and name in PEER_CLASS and spec.mismatches
-    with pytest.raises(ValueError, match="downloading either when"):
-        build_spec("efficientad_s", params["efficientad_s"], "resnet18", 2, None)
+        spec = build_spec(name, params[name], "resnet18", 2, 0.01, None, 40, 128)
+        assert name in PEER_CLASS and spec.mismatches
+        assert spec.peer.get("backbone", "resnet18") == "resnet18" and spec.needs_val == (name == "efficientad_s")
+
+
+def test_efficientad_spec_trains_anomalibs_shape():
+    import yaml
+
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())["models"]["efficientad_s"]
+    # anomalib: batch 1 for max_epochs, Adam at our lr / weight decay, no padding, PDN-S; ours the same steps
+    spec = build_spec("efficientad_s", params, "resnet18", 3, None, None, 40, 128)
+    assert spec.ours["batch_size"] == 1 and spec.ours["steps"] == 3 * 40 and spec.epochs == 3
+    assert spec.peer == dict(
+        teacher_out_channels=384, model_size="small", lr=params["lr"], weight_decay=params["weight_decay"],
+        padding=False, pad_maps=True,
+    )  # fmt: skip
+    # anomalib's autoencoder has a fixed 8×8 bottleneck: both sides' networks see ≥ 256 px
+    assert spec.ours["image_size"] == 256
+    assert build_spec("efficientad_s", params, "resnet18", 3, None, None, 40, 320).ours["image_size"] == 320
+    with pytest.raises(ValueError, match="n_train and image_size"):
+        build_spec("efficientad_s", params, "resnet18", 3, None)
+
+
+def test_teacher_conversion_computes_the_same_features():
+    import torch
+    from peer.teacher import IMAGENET_MEAN, IMAGENET_STD, PDN_S_KEYS, to_anomalib_pdn_s
+
+    from vadbench.models.components.pdn import pdn
+
+    torch.manual_seed(0)
+    ours = pdn("small").double()
+    mean, std = (0.3, 0.4, 0.5), (0.2, 0.25, 0.3)  # a card other than ImageNet's: the fold must do the work
+    state = {k: v.float() for k, v in ours.state_dict().items()}
+    converted = to_anomalib_pdn_s(state, mean, std)
+    assert set(converted) == {f"{PDN_S_KEYS[k.split('.')[0]]}.{k.split('.')[1]}" for k in state}
+    # anomalib's conv1 on ImageNet-normalised input = our conv1 on card-normalised input (no padding: exact)
+    x = torch.rand(2, 3, 40, 40, dtype=torch.float64)
+    ref = ours[0](((x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)).double())
+    xa = (x - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    got = torch.nn.functional.conv2d(xa, converted["conv1.weight"].double(), converted["conv1.bias"].double())
+    assert torch.allclose(got, ref, atol=1e-5)
+    # ImageNet's own statistics: conv1 unchanged
+    same = to_anomalib_pdn_s(state, IMAGENET_MEAN, IMAGENET_STD)
+    assert torch.allclose(same["conv1.weight"], state["0.weight"]) and torch.allclose(
+        same["conv1.bias"], state["0.bias"]
+    )
 
 
 def test_export_matches_our_pixels_and_full_test_set(tiny_sem, tmp_path):
@@ -114,6 +156,9 @@ def test_export_matches_our_pixels_and_full_test_set(tiny_sem, tmp_path):
     data = export_folder(tiny_sem, 64, tmp_path / "folder")
     test = ImageSource(tiny_sem, "test", image_size=64)
     assert data["n_test"] == len(test) and data["has_pixel_gt"]
+    # the validation normals too (EfficientAD's map quantiles on both sides), never a test image
+    val = ImageSource(tiny_sem, "val", image_size=64)
+    assert data["n_val"] == len(val) > 0 and len(list((tmp_path / "folder/val/good").glob("v*.png"))) == len(val)
     exported = (tmp_path / "folder/test").rglob("t*.png")
     assert sorted(int(p.stem[1:]) for p in exported) == list(range(len(test)))  # every test image, once
     i = int(np.flatnonzero(test.labels)[0])

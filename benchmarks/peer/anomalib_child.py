@@ -4,7 +4,9 @@
     .venv-peer/bin/python benchmarks/peer/anomalib_child.py aupro MAPS.npy MASKS.npy OUT.json
 
 run: JOB.json {"folder", "image_size", "model_class", "kwargs", "pre_trained", "epochs", "batch_size", "arch",
-"weights", "mean", "std", "out_dir", "seed", "threads"}. `folder` is the MVTec-style export of our prepared
+"weights", "mean", "std", "out_dir", "seed", "threads"}, and for EfficientAd "val_dir" (validation normals, under
+`folder`), "teacher_root" (what anomalib's pretrained-weights directory resolves to: our distilled teacher, converted)
+and "penalty_dir" (its `imagenet_dir`: our fractal penalty images). `folder` is the MVTec-style export of our prepared
 split (train/good, test/good, test/abnormal; file `tNNNN.png` = test index NNNN). anomalib runs the way its
 own scripts run it — `Folder` datamodule, `Engine.fit`, `Engine.predict` — with these fairness settings:
 
@@ -13,7 +15,8 @@ own scripts run it — `Folder` datamodule, `Engine.fit`, `Engine.predict` — w
   for pretrained weights, random init included — our seeded random init is what it gets);
 * input normalisation is the backbone card's mean/std (anomalib's default is ImageNet's);
 * `val_split_mode="none"`: the Folder default moves half of the test set into validation; here the whole test
-  set is predicted, and the child checks that every test image came back exactly once;
+  set is predicted, and the child checks that every test image came back exactly once (EfficientAd: the
+  validation loader is the validation normals, run once after the last epoch for its map quantiles);
 * post-processor, evaluator and visualizer off: raw image scores and maps, no adaptive-threshold F1;
 * `Engine(barebones=True)`: no checkpointing, logging or progress bars (anomalib's leanest setting).
 
@@ -77,6 +80,12 @@ def run(job: dict[str, Any]) -> None:
     from torchvision.transforms.v2 import Compose, Normalize, Resize
 
     size = int(job["image_size"])
+    kwargs = dict(job["kwargs"])
+    if job.get("teacher_root"):  # EfficientAd: our distilled teacher and penalty images, never a download
+        import anomalib.models.image.efficient_ad.lightning_model as efficient_ad
+
+        efficient_ad.get_pretrained_weights_dir = lambda: Path(job["teacher_root"])
+        kwargs["imagenet_dir"] = job["penalty_dir"]
     t0 = time.perf_counter()
     seed_everything(int(job["seed"]), verbose=False)
     folder = Path(job["folder"])
@@ -90,11 +99,15 @@ def run(job: dict[str, Any]) -> None:
         eval_batch_size=16,
         num_workers=0,
         test_split_mode="from_dir",
-        val_split_mode="none",
+        val_split_mode="from_dir" if job.get("val_dir") else "none",
         seed=int(job["seed"]),
     )
-    pre = PreProcessor(transform=Compose([Resize((size, size), antialias=True), Normalize(job["mean"], job["std"])]))
-    kwargs = dict(job["kwargs"])
+    net = int(job.get("net_size", size))  # the networks' input (EfficientAd: ≥ 256)
+    resize = Resize((net, net), antialias=True)
+    if job["model_class"] == "EfficientAd":  # normalises inside its networks (ImageNet's; folded into our teacher)
+        pre = PreProcessor(transform=Compose([resize]))
+    else:
+        pre = PreProcessor(transform=Compose([resize, Normalize(job["mean"], job["std"])]))
     if job["pre_trained"]:
         kwargs["pre_trained"] = True
     cls = getattr(models, job["model_class"])
@@ -102,11 +115,21 @@ def run(job: dict[str, Any]) -> None:
     trainer_args: dict[str, Any] = dict(barebones=True, accelerator="cpu", devices=1, default_root_dir=out / "engine")
     if job["epochs"] is not None:
         trainer_args["max_epochs"] = int(job["epochs"])
+    if job.get("val_dir"):  # one validation, after the last epoch (ours computes the quantiles once, at the end)
+        trainer_args["check_val_every_n_epoch"] = int(job["epochs"])
     engine = Engine(**trainer_args)
     datamodule.setup()
-    # no validation loader: nothing of the test set is seen before predict (anomalib's models need no validation
-    # to fit; its post-processor, which would calibrate on it, is off)
-    engine.fit(model=model, train_dataloaders=datamodule.train_dataloader())
+    if job.get("val_dir"):
+        # the validation normals only (never test images), as ours: a Folder of that directory as its test set
+        val = Folder(name="peer-val", root=folder, normal_dir=job["val_dir"], normal_test_dir=job["val_dir"],
+                     eval_batch_size=16, num_workers=0, test_split_mode="from_dir", val_split_mode="none")  # fmt: skip
+        val.setup()
+        datamodule.val_data = val.test_data
+        engine.fit(model=model, datamodule=datamodule)
+    else:
+        # no validation loader: nothing of the test set is seen before predict (these models need no validation
+        # to fit; the post-processor, which would calibrate on it, is off)
+        engine.fit(model=model, train_dataloaders=datamodule.train_dataloader())
     fit_s = time.perf_counter() - t0
     fit_peak = vm_hwm_mib()
     t1 = time.perf_counter()
@@ -121,7 +144,10 @@ def run(job: dict[str, Any]) -> None:
     if sorted(index) != list(range(len(index))):
         raise RuntimeError(f"anomalib predicted {len(index)} test images, not each of the exported ones once")
     np.save(out / "scores.npy", torch.cat(scores).numpy()[order])
-    np.save(out / "maps.npy", torch.cat(maps).numpy()[order])
+    all_maps = torch.cat(maps)
+    if all_maps.shape[-1] != size:  # maps at the networks' input: back to the exported images' size
+        all_maps = torch.nn.functional.interpolate(all_maps[:, None], size=(size, size), mode="bilinear")[:, 0]
+    np.save(out / "maps.npy", all_maps.numpy()[order])
     latency = _latency(model, folder, size)
     run_info = {
         "fit_s": fit_s,

@@ -68,18 +68,21 @@ def _link_or_copy(src: str, dst: str) -> None:
 
 
 def export_folder(prepared: Path, image_size: int, out: Path) -> dict[str, Any]:
-    """Write the prepared splits as anomalib reads them: train/good, test/good, test/abnormal.
+    """Write the prepared splits as anomalib reads them: train/good, val/good, test/good, test/abnormal.
 
     Images are our `ImageSource`'s uint8 pixels at `image_size` (what our models see), as PNG; test image i is
     `tNNNN.png` so both sides' outputs line up by index. Returns labels (N,), masks (n_gt, H, W) uint8 and the
     indices of the test images with pixel ground truth.
     """
     train = ImageSource(prepared, "train", image_size=image_size)
+    val = ImageSource(prepared, "val", image_size=image_size)
     test = ImageSource(prepared, "test", image_size=image_size)
-    for d in ("train/good", "test/good", "test/abnormal"):
+    for d in ("train/good", "val/good", "test/good", "test/abnormal"):
         (out / d).mkdir(parents=True, exist_ok=True)
     for i in range(len(train)):
         _save_png(train[i].numpy(), out / "train/good" / f"n{i:04d}.png")
+    for i in range(len(val)):
+        _save_png(val[i].numpy(), out / "val/good" / f"v{i:04d}.png")
     for i in range(len(test)):
         sub = "abnormal" if test.labels[i] else "good"
         _save_png(test[i].numpy(), out / "test" / sub / f"t{i:04d}.png")
@@ -90,6 +93,7 @@ def export_folder(prepared: Path, image_size: int, out: Path) -> dict[str, Any]:
         "gt_index": gt,
         "masks": masks.astype(np.uint8),
         "n_train": len(train),
+        "n_val": len(val),
         "n_test": len(test),
         "paths": list(test.paths),
         "has_pixel_gt": bool(len(gt) and np.any(test.labels[gt] == 1)),

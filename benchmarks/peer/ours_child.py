@@ -3,7 +3,8 @@
     python benchmarks/peer/ours_child.py JOB.json
 
 JOB.json: {"dataset_dir", "backbone_dir", "image_size", "model", "hparams", "out_dir", "seed", "threads",
-"use_val" (default false: fit on train normals only, as the anomalib side)}.
+"use_val" (default false: fit on train normals only, as the anomalib side), "teacher_dir" (EfficientAD: the
+distilled teacher both sides use)}.
 Writes out_dir/{scores.npy (N,), maps.npy (N, H, W) float32, run.json}; run.json holds fit_s, score_s,
 latency_ms (batch-1 median), fit_peak_mib (VmHWM after the fit) and peak_mib (VmHWM at the end: the
 whole process, imports and backbone included). Runs through the library's model API, exactly what the
@@ -51,8 +52,10 @@ def main(job_path: str) -> None:
     seed_everything(int(job["seed"]))
     backbone = load_feature_extractor(Path(job["backbone_dir"]), hp["layers"], device)
     model = create_model(name, backbone=backbone, **hp).to(device)
+    if job.get("teacher_dir"):
+        model.use_teacher(Path(job["teacher_dir"]))  # as the fit stage does (anomalib loads its teacher in fit too)
     # like anomalib here (no validation loader), no validation normals: no early stopping and no best-epoch
-    # restore, the last epoch is kept; no model in the comparison needs them otherwise (map normalisation is off)
+    # restore, the last epoch is kept; only EfficientAD gets them (its map quantiles; anomalib's side too)
     report = model.fit(train, val if job.get("use_val") and len(val) else None)
     fit_s = time.perf_counter() - t0
     fit_peak = vm_hwm_mib()

@@ -23,16 +23,11 @@ PEER_CLASS = {
     "efficientad_s": "EfficientAd",
 }
 DEFAULT_MODELS = ("patchcore", "padim", "stfpm", "fastflow", "reverse_distillation", "cflow")
-# run only on request: see UNSUPPORTED
+# on request: EfficientAD's networks run at ≥ 256 px on both sides (anomalib's autoencoder needs 256), ~3.7 s per
+# batch-1 step on 2 CPU cores, so one epoch of synthetic_sem's 100 train images is ~6 min per fit per side
 ALL_MODELS = (*DEFAULT_MODELS, "efficientad_s")
-UNSUPPORTED = {
-    "efficientad_s": (
-        "anomalib's EfficientAd loads its PDN teacher from <anomalib pretrained dir>/efficientad_pretrained_weights/"
-        "pretrained_teacher_small.pth and ImageNette (the penalty images) from imagenet_dir, downloading either when "
-        "absent; ours distils its teacher from our backbone (stage distill). Equal weights need our PDN converted to "
-        "anomalib's layout (names, padding) at that path and an image folder for the penalty: not built yet, so not run."
-    ),
-}
+# models that get the validation normals on both sides (EfficientAD's map quantiles)
+NEEDS_VAL = {"efficientad_s"}
 
 
 @dataclass(frozen=True)
@@ -41,7 +36,8 @@ class ModelSpec:
 
     ours: hyperparameters for `vadbench.models.create_model` (params.yaml values with the overrides applied);
     peer: keyword arguments of anomalib's Lightning module (besides pre/post-processor, evaluator, visualizer);
-    epochs: trainer epochs on both sides (None: a one-pass model); mismatches: what still differs.
+    epochs: trainer epochs on both sides (None: a one-pass model); mismatches: what still differs;
+    needs_val: both sides fit with the validation normals (ours `fit(train, val)`, anomalib a val loader).
     """
 
     name: str
@@ -49,6 +45,7 @@ class ModelSpec:
     peer: dict[str, Any]
     epochs: int | None
     mismatches: tuple[str, ...] = field(default_factory=tuple)
+    needs_val: bool = False
 
 
 RESNET_STRIDE = {"layer1": 4, "layer2": 8, "layer3": 16, "layer4": 32}
@@ -74,11 +71,12 @@ def build_spec(
     epochs: int,
     coreset_ratio: float | None,
     patches: int | None = None,
+    n_train: int | None = None,
+    image_size: int | None = None,
 ) -> ModelSpec:
     """`params`: params.yaml's `models.<name>` section; `epochs`: for every trained model, both sides;
-    `patches`: PatchCore's bank rows before the coreset (`train_patches`), for anomalib's projection size."""
-    if name in UNSUPPORTED:
-        raise ValueError(f"{name}: {UNSUPPORTED[name]}")
+    `patches`: PatchCore's bank rows before the coreset (`train_patches`), for anomalib's projection size;
+    `n_train`, `image_size`: EfficientAD's steps (epochs × train images at batch 1) and network input."""
     if name not in PEER_CLASS:
         raise ValueError(f"no anomalib counterpart for {name!r}; choose from {sorted(PEER_CLASS)}")
     ours = {k: v for k, v in params.items() if k != "seed"}
@@ -143,6 +141,8 @@ def build_spec(
             "the init draws come from each library's own RNG",
         )
         return ModelSpec(name, ours, peer, epochs, notes)
+    if name == "efficientad_s":
+        return _efficientad(ours, epochs, n_train, image_size)
     # cflow
     ours.update(epochs=epochs, patience=0)
     peer = dict(
@@ -160,3 +160,40 @@ def build_spec(
         "per fiber batch of each image batch (the same fibers, grouped differently)",
     )
     return ModelSpec(name, ours, peer, epochs, notes)
+
+
+def _efficientad(ours: dict[str, Any], epochs: int, n_train: int | None, image_size: int | None) -> ModelSpec:
+    """EfficientAD-S at anomalib's training shape: batch 1, `epochs` passes over the train images, Adam."""
+    if n_train is None or image_size is None:
+        raise ValueError("efficientad_s needs n_train and image_size (its steps and network input)")
+    # anomalib trains at batch 1 (it refuses any other) for max_epochs; ours counts steps: the same number.
+    # Network input ≥ 256 px: anomalib's autoencoder has a fixed 8×8 bottleneck convolution (ours scales it)
+    net = max(256, -(-image_size // 32) * 32)
+    ours.update(batch_size=1, steps=epochs * n_train, image_size=net, patience=0, teacher="distilled")
+    peer = dict(
+        teacher_out_channels=384,
+        model_size="small",
+        lr=ours["lr"],
+        weight_decay=ours["weight_decay"],
+        padding=False,
+        pad_maps=True,
+    )
+    notes = (
+        "the same distilled PDN-S teacher on both sides (params.yaml's distill section, on our fractals; converted to "
+        "anomalib's layout with its ImageNet input normalisation folded into conv1); student and autoencoder inits "
+        "from each library's RNG",
+        "penalty images: the same fractal images; anomalib resizes them to twice the input and centre-crops "
+        "(a 2× zoom), ours resizes them to the input",
+        "map normalisation (0.9 / 0.995 quantiles of the validation normals' maps, both sides): anomalib takes them "
+        "over the padded, upsampled full-size maps, ours over the PDN-grid maps",
+        "lr × 0.1: ours from step ⌈0.95·N⌉, anomalib's StepLR at step ⌊0.95·N⌋",
+        f"networks at {net} px on both sides (anomalib's autoencoder needs 256: a fixed 8×8 bottleneck); anomalib's "
+        f"maps come back at {net} px and are resized to the images' {image_size} px, ours are upsampled to it from "
+        "the PDN grid"
+        + (
+            f"; anomalib sizes its penalty images from the {image_size} px dataset images, not its {net} px input"
+            if net != image_size
+            else ""
+        ),
+    )
+    return ModelSpec("efficientad_s", ours, peer, epochs, notes, needs_val=True)
