@@ -78,7 +78,30 @@ def test_pruned_updates_pick_as_the_full_pass_and_read_few_rows(monkeypatch):
         start_indices=torch.from_numpy(starts),
     )
     assert ours.tolist() == brute_force_greedy(points.astype(np.float64), starts, 150)
-    assert len(read) == 150 and sum(read) < 0.25 * 1500 * 150
+    # most picks take the pruned path (the rest read every row in one pass), and it reads few rows
+    assert len(read) >= 0.9 * 150 and sum(read) + (150 - len(read)) * 1500 < 0.25 * 1500 * 150
+
+
+def test_unstructured_points_fall_back_to_full_passes_with_the_same_picks(monkeypatch):
+    # Gaussian points in 64-D: the bound rarely prunes, so most picks read every row in one contiguous pass
+    import vadbench.models.components.coreset as coreset
+
+    gathered = []
+    full = coreset._distances_at
+    monkeypatch.setattr(coreset, "_distances_at", lambda pts, rows, *a: gathered.append(1) or full(pts, rows, *a))
+    rng = np.random.default_rng(8)
+    points = rng.normal(size=(600, 64)).astype(np.float32)
+    starts = rng.choice(600, 10, replace=False)
+    ours = greedy_coreset_indices(
+        torch.from_numpy(points),
+        60,
+        torch.Generator().manual_seed(0),
+        projection_dim=None,
+        start_indices=torch.from_numpy(starts),
+        chunk_size=97,
+    )
+    assert ours.tolist() == brute_force_greedy(points.astype(np.float64), starts, 60)
+    assert len(gathered) < 30
 
 
 def test_full_selection_is_a_permutation():
@@ -247,3 +270,24 @@ def test_chunked_rejects_misuse():
     cc.add(torch.zeros(60, 8))
     with pytest.raises(ValueError, match="planned"):
         cc.finish()
+
+
+def test_row_file_is_a_bank_on_disk_with_the_same_picks():
+    from vadbench.models.components.coreset import RowFile
+
+    x = torch.randn(3000, 48, generator=torch.Generator().manual_seed(9))
+    rows = RowFile(3000, 48)
+    for start in range(0, 3000, 700):  # batches as the embedding produces them
+        rows.add(x[start : start + 700].double())
+    assert torch.equal(rows[100:2900], x[100:2900]) and rows[5:5].shape == (0, 48)
+    # the projection reads it in slices: the same picks as from memory, and the same rows come back
+    keep = subsample_indices(rows, "greedy_coreset", 0.05, torch.Generator().manual_seed(1), projection_dim=16)
+    assert torch.equal(
+        keep, subsample_indices(x, "greedy_coreset", 0.05, torch.Generator().manual_seed(1), projection_dim=16)
+    )
+    assert torch.equal(rows.take(keep), x[keep])
+    with pytest.raises(ValueError, match="do not fit"):
+        rows.add(x[:1])
+    with pytest.raises(IndexError, match="contiguous"):
+        rows[::2]
+    rows.close()
