@@ -30,6 +30,19 @@ def brute_force_greedy(points: np.ndarray, starts: np.ndarray, n_select: int) ->
     return picks
 
 
+def greedy_and_reference(points: np.ndarray, starts: np.ndarray, n_select: int, **kw) -> tuple[list[int], list[int]]:
+    """Our picks (no projection, the given starts) and the float64 brute force's, for the same points."""
+    ours = greedy_coreset_indices(
+        torch.from_numpy(points),
+        n_select,
+        torch.Generator().manual_seed(0),
+        projection_dim=None,
+        start_indices=torch.from_numpy(starts),
+        **kw,
+    )
+    return ours.tolist(), brute_force_greedy(points.astype(np.float64), starts, n_select)
+
+
 def test_hand_made_points_pick_the_expected_order():
     # points on a line at 0, 1, 2, 3, 10; all points as starts → mean distances 3.2, 2.6, 2.4, 2.6, 6.8:
     # first the outlier (10), then 0 (3.2 beats 2.6 / 2.4 / 2.6), then 3 (min distances now 1, 2, 2.6)
@@ -45,15 +58,8 @@ def test_greedy_matches_brute_force_k_center(dim):
     rng = np.random.default_rng(dim)
     points = rng.normal(size=(200, dim)).astype(np.float32)
     starts = rng.choice(200, 10, replace=False)
-    ours = greedy_coreset_indices(
-        torch.from_numpy(points),
-        40,
-        torch.Generator().manual_seed(0),
-        projection_dim=None,
-        start_indices=torch.from_numpy(starts),
-        chunk_size=37,  # several chunks
-    )
-    assert ours.tolist() == brute_force_greedy(points.astype(np.float64), starts, 40)
+    ours, reference = greedy_and_reference(points, starts, 40, chunk_size=37)  # several chunks
+    assert ours == reference
 
 
 def test_pruned_updates_pick_as_the_full_pass_and_read_few_rows(monkeypatch):
@@ -70,14 +76,8 @@ def test_pruned_updates_pick_as_the_full_pass_and_read_few_rows(monkeypatch):
     monkeypatch.setattr(
         coreset, "_distances_at", lambda pts, rows, *a: read.append(rows.numel()) or full(pts, rows, *a)
     )
-    ours = greedy_coreset_indices(
-        torch.from_numpy(points),
-        150,
-        torch.Generator().manual_seed(0),
-        projection_dim=None,
-        start_indices=torch.from_numpy(starts),
-    )
-    assert ours.tolist() == brute_force_greedy(points.astype(np.float64), starts, 150)
+    ours, reference = greedy_and_reference(points, starts, 150)
+    assert ours == reference
     # most picks take the pruned path (the rest read every row in one pass), and it reads few rows
     assert len(read) >= 0.9 * 150 and sum(read) + (150 - len(read)) * 1500 < 0.25 * 1500 * 150
 
@@ -92,15 +92,8 @@ def test_unstructured_points_fall_back_to_full_passes_with_the_same_picks(monkey
     rng = np.random.default_rng(8)
     points = rng.normal(size=(600, 64)).astype(np.float32)
     starts = rng.choice(600, 10, replace=False)
-    ours = greedy_coreset_indices(
-        torch.from_numpy(points),
-        60,
-        torch.Generator().manual_seed(0),
-        projection_dim=None,
-        start_indices=torch.from_numpy(starts),
-        chunk_size=97,
-    )
-    assert ours.tolist() == brute_force_greedy(points.astype(np.float64), starts, 60)
+    ours, reference = greedy_and_reference(points, starts, 60, chunk_size=97)
+    assert ours == reference
     assert len(gathered) < 30
 
 
