@@ -26,8 +26,6 @@ DEFAULT_MODELS = ("patchcore", "padim", "stfpm", "fastflow", "reverse_distillati
 # on request: EfficientAD's networks run at ≥ 256 px on both sides (anomalib's autoencoder needs 256), ~3.7 s per
 # batch-1 step on 2 CPU cores, so one epoch of synthetic_sem's 100 train images is ~6 min per fit per side
 ALL_MODELS = (*DEFAULT_MODELS, "efficientad_s")
-# models that get the validation normals on both sides (EfficientAD's map quantiles)
-NEEDS_VAL = {"efficientad_s"}
 
 
 @dataclass(frozen=True)

@@ -77,9 +77,10 @@ def prepare_teacher(
         card = read_card(backbone_dir)
         layers = list(distill["layers"])
         extractor = load_feature_extractor(backbone_dir, layers, torch.device("cpu"))
+        distill_images = FractalImages(fractals, int(distill["image_size"]))
         state, report = distill_teacher(
             extractor,
-            FractalImages(fractals, int(distill["image_size"])),
+            distill_images,
             size="small",
             layers=layers,
             image_size=int(distill["image_size"]),
@@ -91,7 +92,7 @@ def prepare_teacher(
             norm_images=int(distill["norm_images"]),
             seed=seed,
         )
-        with Image.open(fractals / FractalImages(fractals, 1).paths[0]) as im:
+        with Image.open(fractals / distill_images.paths[0]) as im:
             native = im.size[0]
         images = FractalImages(fractals, native)
         order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
