@@ -137,6 +137,8 @@ def build_spec(
         notes = (
             "same OCBE and de_resnet layout, loss (1 − cos of flattened maps) and init scheme (Kaiming fan-out); "
             "the init draws come from each library's own RNG",
+            "the σ=4 blur pads differently: ours repeats the edge pixel (scipy, the official code), anomalib reflects "
+            "without it; the image score is the map maximum, often in that border band (docs/MODELS.md)",
         )
         return ModelSpec(name, ours, peer, epochs, notes)
     if name == "efficientad_s":
