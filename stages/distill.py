@@ -32,6 +32,7 @@ def run(params, model: str, backbone: str) -> None:
         TEACHER_FILE,
         FractalImages,
         distill_teacher,
+        penalty_subset,
         save_teacher,
     )
     from vadbench.runtime import seed_everything, select_device, set_deterministic
@@ -67,9 +68,7 @@ def run(params, model: str, backbone: str) -> None:
         device=device,
     )
     # penalty images: a seeded subset of the fractals at their own size (the model resizes them)
-    native = FractalImages(layout.FRACTALS, params.fractals.image_size)
-    order = torch.randperm(len(native), generator=torch.Generator().manual_seed(params.seed))[: d.penalty_images]
-    penalty = torch.stack([native[int(i)] for i in order]) if len(order) else torch.zeros(0, 3, 1, 1, dtype=torch.uint8)
+    penalty = penalty_subset(FractalImages(layout.FRACTALS, params.fractals.image_size), d.penalty_images, params.seed)
     card = read_card(backbone_dir)
     meta = {
         "model": model,

@@ -28,6 +28,7 @@ from vadbench.models.components.teacher_distill import (
     TeacherMissingError,
     distill_teacher,
     load_teacher,
+    penalty_subset,
     save_teacher,
 )
 
@@ -211,6 +212,19 @@ def test_save_teacher_roundtrip(tmp_path):
     )
     got = load_teacher(tmp_path, "small")
     assert got["meta"] == {"layers": LAYERS} and all(torch.equal(got["state"][k], v) for k, v in state.items())
+
+
+def test_penalty_subset_is_a_seeded_sample_without_repeats():
+    images = [torch.full((3, 2, 2), i, dtype=torch.uint8) for i in range(10)]
+    picked = penalty_subset(images, 4, seed=3)
+    ids = picked[:, 0, 0, 0].tolist()
+    assert picked.shape == (4, 3, 2, 2) and len(set(ids)) == 4
+    assert (
+        torch.equal(picked, penalty_subset(images, 4, seed=3))
+        and ids != penalty_subset(images, 4, 4)[:, 0, 0, 0].tolist()
+    )
+    assert sorted(penalty_subset(images, 99, seed=3)[:, 0, 0, 0].tolist()) == list(range(10))  # capped at the set
+    assert penalty_subset(images, 0, seed=3).shape == (0, 3, 1, 1)
 
 
 @pytest.mark.slow

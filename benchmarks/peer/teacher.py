@@ -63,6 +63,7 @@ def prepare_teacher(
         FractalImages,
         distill_teacher,
         load_teacher,
+        penalty_subset,
         save_teacher,
     )
 
@@ -95,8 +96,7 @@ def prepare_teacher(
         with Image.open(fractals / distill_images.paths[0]) as im:
             native = im.size[0]
         images = FractalImages(fractals, native)
-        order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
-        penalty = torch.stack([images[int(i)] for i in order[: int(distill["penalty_images"])]])
+        penalty = penalty_subset(images, int(distill["penalty_images"]), seed)
         meta = {"arch": card.arch, "layers": layers, "distill": distill, "seed": seed, **report}
         paths["ours"].mkdir(parents=True, exist_ok=True)
         save_teacher(paths["ours"] / TEACHER_FILE, "small", state, penalty, meta)

@@ -135,15 +135,17 @@ def greedy_coreset_indices(
     min_dist = torch.zeros(n, dtype=torch.float32, device=dev)
     dist = torch.empty_like(min_dist)
     scratch = torch.empty(min(chunk_size, n), dim, dtype=torch.float32, device=dev)
-    # start: mean distance to the random starting points (the official code's "anchor distances")
-    for s in start_indices.tolist():
+    # start: mean distance to the random starting points (the official code's "anchor distances"); the
+    # first start's distances are also every point's pruning reference (0 + d is exactly d: same sums)
+    ref_dist = _distances_to(points, points[int(start_indices[0])], torch.empty_like(min_dist), scratch)
+    min_dist.copy_(ref_dist)
+    for s in start_indices[1:].tolist():
         min_dist.add_(_distances_to(points, points[s], dist, scratch))
     min_dist.div_(len(start_indices))
 
     # pruning state: each point's reference center (row of `centers`: 0 is the first start, i + 1 the
     # i-th pick) and its distance to it; the other buffers are per-iteration scratch, sliced, never grown
     ref = torch.zeros(n, dtype=torch.int32, device=dev)
-    ref_dist = _distances_to(points, points[int(start_indices[0])], torch.empty_like(min_dist), scratch)
     centers = torch.empty(n_select + 1, dim, dtype=torch.float32, device=dev)
     centers[0] = points[int(start_indices[0])]
     center_dist = torch.empty(n_select + 1, dtype=torch.float32, device=dev)

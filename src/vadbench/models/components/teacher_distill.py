@@ -192,6 +192,15 @@ def distill_teacher(
     return state, report
 
 
+def penalty_subset(fractals: Dataset, count: int, seed: int) -> torch.Tensor:
+    """The penalty images: `count` fractals in a seeded random order → uint8 (N, 3, h, w), N = min(count, len);
+    (0, 3, 1, 1) when none (the model resizes them to its input)."""
+    order = torch.randperm(len(fractals), generator=torch.Generator().manual_seed(seed))[:count]
+    if not len(order):
+        return torch.zeros(0, 3, 1, 1, dtype=torch.uint8)
+    return torch.stack([fractals[int(i)] for i in order])
+
+
 def save_teacher(
     path: Path, size: PdnSize, state: dict[str, torch.Tensor], penalty: torch.Tensor, meta: dict[str, Any]
 ) -> None:
