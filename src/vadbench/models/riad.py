@@ -154,14 +154,14 @@ class RIAD(PixelAutoencoderModel):
     name = "riad"
 
     class Params(PixelAEParams):
-        """CPU defaults: 128 px grey, width 8, 20 epochs, cells {2, 4, 8} (~8 s per epoch of 100 images on 2
-        cores; 5 epochs left the U-Net undertrained on real images: docs/MODELS.md).
+        """CPU defaults: 128 px grey, width 8, 5 epochs, cells {2, 4, 8} (~30 s per epoch of 100 images on one
+        shared core; docs/MODELS.md).
 
         Paper: 256×256, width 64, cells {2, 4, 8, 16}, n = 3, 300 epochs, batch 8, Adam lr 1e-4 (reference
         code: weight decay 1e-5), loss weights 1/1/1, 4 GMS scales; reference code smooths with a mean filter.
         """
 
-        epochs: int = Field(20, ge=1, le=10000, description="training epochs (paper 300)")
+        epochs: int = Field(5, ge=1, le=10000, description="training epochs (paper 300)")
         batch_size: int = Field(8, ge=1, le=4096, description="images per step; the network sees n× as many")
         lr: float = Field(1e-3, gt=0, le=1, description="Adam learning rate (paper 1e-4)")
         image_size: int = Field(128, ge=16, le=1024, multiple_of=16, description="square grey network input")
