@@ -16,7 +16,9 @@ from vadbench.data.source import TensorSource
 from vadbench.models import create_model
 
 LAYERS = ["layer1", "layer2", "layer3"]
-FAST = dict(epochs=16, batch_size=8, lr=0.001, patience=4, seed=0)  # 48 Adam steps
+# 90 Adam steps, no early stop: at 48 steps with patience 4 the image AUROC of seeds 0-2 was 0.75-0.84 on an
+# AVX-512 machine (0.75 < 0.8 for seed 0); at 90 seeds 0-3 gave 0.81-0.98
+FAST = dict(epochs=30, batch_size=8, lr=0.001, patience=0, seed=0)
 
 
 @pytest.fixture(scope="module")
