@@ -7,6 +7,9 @@ Each coreset measurement runs in its own child process, so peak RSS (VmHWM, rese
 /proc/self/clear_refs right before selection) belongs to that selection alone; a sampler thread
 reads VmRSS while it runs to show whether memory grows with the iterations. The "naive" variant
 grows a (N, 2) tensor with torch.cat every pick, the pattern of the official code, for comparison.
+Two feature sets: "gaussian" (unstructured: our selection's pruning finds little to skip and takes its
+full-pass fallback) and "clustered" (256 centres plus small noise, closer to patch features of repeating
+textures, where a pick can get closer to few rows and the pruned path reads only those).
 Timings on this shared 2-core machine are noisy: every figure is a median of `--repeats` runs.
 """
 
@@ -45,14 +48,27 @@ def _naive_greedy(points, n_select: int):
     return picks
 
 
-def child(n: int, dim: int, ratio: float, threads: int, variant: str) -> dict:
+def _features(n: int, dim: int, data: str):
+    """(n, dim) float32, seeded: "gaussian" N(0, I), or "clustered" (256 N(0, I) centres + N(0, 0.1²) noise)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    if data == "clustered":
+        centres = torch.randn(256, dim, generator=gen)
+        return centres[torch.randint(256, (n,), generator=gen)] + 0.1 * torch.randn(n, dim, generator=gen)
+    if data != "gaussian":
+        raise ValueError(f"unknown feature set {data!r}: gaussian | clustered")
+    return torch.randn(n, dim, generator=gen)
+
+
+def child(n: int, dim: int, ratio: float, threads: int, variant: str, data: str) -> dict:
     """One measurement (runs in a fresh process): returns timings and RSS figures in MB."""
     import torch
 
     from vadbench.models.components.coreset import coreset_size, greedy_coreset_indices, random_projection
 
     torch.set_num_threads(threads)
-    feats = torch.randn(n, dim, generator=torch.Generator().manual_seed(0))
+    feats = _features(n, dim, data)
     m = coreset_size(n, ratio)
     samples: list[float] = []
     done = threading.Event()
@@ -154,7 +170,7 @@ def bench_models(repeats: int, sizes: list[tuple[int, int, int]], threads: int) 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--child", nargs=5, metavar=("N", "DIM", "RATIO", "THREADS", "VARIANT"))
+    ap.add_argument("--child", nargs=6, metavar=("N", "DIM", "RATIO", "THREADS", "VARIANT", "DATA"))
     ap.add_argument("--quick", action="store_true", help="small sizes, no results file")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, nargs="+", default=[1], help="torch threads for the coreset runs")
@@ -162,8 +178,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "coreset.md")
     a = ap.parse_args()
     if a.child:
-        n, dim, ratio, threads, variant = a.child
-        print(json.dumps(child(int(n), int(dim), float(ratio), int(threads), variant)))
+        n, dim, ratio, threads, variant, data = a.child
+        print(json.dumps(child(int(n), int(dim), float(ratio), int(threads), variant, data)))
         return
 
     n, dim, ratio = (5000, 1536, 0.1) if a.quick else (50000, 1536, 0.1)
@@ -177,21 +193,25 @@ def main() -> None:
         "",
         "## Coreset selection (features N×D, 10 %, JL projection to 128 dims)",
         "",
-        "| variant | N × D | torch threads | picks | wall s | CPU s | ms/pick (wall) | RSS before (MB) | peak Δ RSS (MB) "
-        "| RSS 1st quarter → last quarter (MB) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| variant | features | N × D | torch threads | picks | wall s | CPU s | ms/pick (wall) | RSS before (MB) "
+        "| peak Δ RSS (MB) | RSS 1st quarter → last quarter (MB) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    configs = [("ours", n, t) for t in a.threads] + [("naive", naive_n, 1)]
+    configs = [
+        *[("ours", data, n, t) for data in ("gaussian", "clustered") for t in a.threads],
+        *[("naive", data, naive_n, 1) for data in ("gaussian", "clustered")],
+    ]
     results: dict[tuple, list[dict]] = {c: [] for c in configs}
     for _ in range(a.repeats):
-        for variant, size, threads in configs:  # alternate, so a slow spell hits every setting
-            results[(variant, size, threads)].append(
-                run_child([str(size), str(dim), str(ratio), str(threads), variant], 1800)
+        for variant, data, size, threads in configs:  # alternate, so a slow spell hits every setting
+            results[(variant, data, size, threads)].append(
+                run_child([str(size), str(dim), str(ratio), str(threads), variant, data], 1800)
             )
-    for (variant, size, threads), runs in results.items():
+    for (variant, data, size, threads), runs in results.items():
         med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
         lines.append(
-            f"| {variant} | {size}×{dim} | {threads} | {int(med['picks'])} | {med['seconds']:.1f} | {med['cpu_seconds']:.1f} | {med['ms_per_pick']:.2f} "
+            f"| {variant} | {data} | {size}×{dim} | {threads} | {int(med['picks'])} | {med['seconds']:.1f} "
+            f"| {med['cpu_seconds']:.1f} | {med['ms_per_pick']:.2f} "
             f"| {med['rss_before_mb']:.0f} | {med['peak_delta_mb']:.0f} "
             f"| {med['rss_first_quarter_mb']:.0f} → {med['rss_last_quarter_mb']:.0f} |"
         )
