@@ -110,6 +110,7 @@ def paper(p: dict) -> dict:
         stage2_lr=1e-4,
         body_lr_ratio=0.01,
         stage="layer4",
+        pool="catavgmax",
         tta="vote",
     )
     # SuperSimpleNet's supervised setting: its unsupervised paper values, with stop_grad off

@@ -282,3 +282,17 @@ def test_default_grid_has_no_supervised_cells_and_full_profile_has_them() -> Non
     assert parse_params(_params()).run.supervised_cells() == []
     full = yaml.safe_load((root / "profiles" / "full.yaml").read_text())
     assert full["run"]["supervised_models"] == ["classifier", "supersimplenet_supervised"]
+
+
+def test_classifier_input_size_resizes_before_the_net(random_backbone_dir: Path) -> None:
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    plain = TransferClassifier.from_backbone(random_backbone_dir, **FAST).eval()
+    sized = TransferClassifier.from_backbone(random_backbone_dir, **FAST, input_size=96).eval()
+    sized.load_state_dict(plain.state_dict())
+    x = torch.rand(2, 1, 64, 64)
+    with torch.no_grad():
+        expected = plain.logits(F.interpolate(x, size=(96, 96), mode="bilinear", align_corners=False))
+        assert torch.allclose(sized.logits(x), expected, atol=1e-6)
+        assert not torch.allclose(plain.logits(x), expected, atol=1e-3)

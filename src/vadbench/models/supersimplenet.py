@@ -93,7 +93,7 @@ class SuperSimpleNet(AnomalyModel):
     name = "supersimplenet"
 
     class Params(StrictModel):
-        """Defaults are a 2-core CPU budget (upscale 1, 256 hidden, 32 classification channels, 30 epochs: the
+        """Defaults are a 2-core CPU budget (upscale 1, 256 hidden, 32 classification channels, 60 epochs: the
         paper's sizes cost ~2.8 s per step of 8 images here, ×11 these). The paper (unsupervised, MVTec AD): WideResNet-50 layer2+3
         upscaled ×2, 3×3 neighbourhood, noise σ 0.015, Perlin threshold 0.2 (VisA 0.6), scales 2^[0, 6),
         empty-mask probability 0.5, segmentation head 1024 hidden, classification head 5×5 conv with 128
@@ -122,7 +122,7 @@ class SuperSimpleNet(AnomalyModel):
         stop_grad: bool = Field(True, description="detach the map entering the classification head (paper, unsup.)")
         margin: float = Field(0.5, gt=0, le=10, description="truncation th of the L1 loss (paper: 0.5)")
         focal_gamma: float = Field(4.0, ge=0, le=10, description="focal loss γ on map and score (0 = BCE; paper: 4)")
-        epochs: int = Field(30, ge=1, le=10_000, description="maximum epochs (paper: 300)")
+        epochs: int = Field(60, ge=1, le=10_000, description="maximum epochs (paper: 300)")
         batch_size: int = Field(8, ge=1, le=4096, description="normal images per step, ×2 with copies (paper: 32)")
         adaptor_lr: float = Field(1e-4, gt=0, le=1, description="AdamW lr of the adaptor (paper: 1e-4)")
         seg_lr: float = Field(2e-4, gt=0, le=1, description="AdamW lr of the segmentation head (paper: 2e-4)")

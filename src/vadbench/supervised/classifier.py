@@ -155,6 +155,9 @@ class TransferClassifier(nn.Module):
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         """images (B, 1 or 3, H, W) in [0, 1] → logits (B,)."""
         x = images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
+        side = self.p.input_size
+        if side is not None and tuple(x.shape[-2:]) != (side, side):
+            x = F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False, antialias=side < x.shape[-1])
         return self.net((x - self.mean) / self.std)[:, 0]
 
     # -- training ---------------------------------------------------------------------------
