@@ -40,7 +40,7 @@ TOLERANCE = 1e-4
 RELATIVE = 1e-5
 
 _AA = (
-    "it resizes its grey input with antialiased bilinear interpolation (aten::_upsample_bilinear2d_aa), "
+    "it shrinks its grey input with antialiased bilinear interpolation (aten::_upsample_bilinear2d_aa), "
     "which torch's ONNX exporter has no conversion for (opset 17 and 18); TorchScript works"
 )
 #: registered models whose predict path cannot become one graph of a format: {model: {format: reason}}

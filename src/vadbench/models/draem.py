@@ -46,6 +46,7 @@ from vadbench.data.source import as_source, to_float
 from vadbench.models.base import AnomalyModel, register_model
 from vadbench.models.components.feature_discriminator import focal_loss_with_logits
 from vadbench.models.components.perlin import perlin_masks
+from vadbench.models.components.resize import resize_square
 from vadbench.models.components.ssim import ssim
 from vadbench.models.components.trainer import LoopSettings, mean_loss
 from vadbench.models.components.trainer import train as train_loop
@@ -237,12 +238,7 @@ class Draem(AnomalyModel):
             x = (x * torch.tensor(_LUMA, device=x.device).view(1, 3, 1, 1)).sum(1, keepdim=True)
         elif x.shape[1] == 1 and self.p.channels == 3:
             x = x.expand(-1, 3, -1, -1)
-        size = (self.p.input_size,) * 2
-        if x.shape[-2:] != size:
-            # antialias only when shrinking (an upscale gains nothing from it, and ONNX has no antialiased resize)
-            shrink = x.shape[-2] > size[0] or x.shape[-1] > size[1]
-            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=shrink)
-        return x.clamp(0, 1)
+        return resize_square(x, self.p.input_size).clamp(0, 1)
 
     # -- simulated anomalies -----------------------------------------------------------------
     def textures_for(self, n: int, bank: torch.Tensor, gen: torch.Generator) -> torch.Tensor:

@@ -34,6 +34,7 @@ from torch.utils.data import Dataset
 from vadbench.backbones.weights import WEIGHTS, read_card
 from vadbench.data.source import as_source, loader, to_float
 from vadbench.io import atomic_file, load_tensors
+from vadbench.models.components.resize import resize_square
 from vadbench.models.components.trainer import LoopSettings
 from vadbench.models.components.trainer import train as train_loop
 from vadbench.schema import StrictModel
@@ -155,9 +156,8 @@ class TransferClassifier(nn.Module):
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         """images (B, 1 or 3, H, W) in [0, 1] → logits (B,)."""
         x = images.expand(-1, 3, -1, -1) if images.shape[1] == 1 else images
-        side = self.p.input_size
-        if side is not None and tuple(x.shape[-2:]) != (side, side):
-            x = F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False, antialias=side < x.shape[-1])
+        if self.p.input_size is not None:
+            x = resize_square(x, self.p.input_size)
         return self.net((x - self.mean) / self.std)[:, 0]
 
     # -- training ---------------------------------------------------------------------------

@@ -37,6 +37,7 @@ from vadbench.models.base import AnomalyModel
 from vadbench.models.components import trainer
 from vadbench.models.components.patch_features import module_device
 from vadbench.models.components.pdn import TEACHER_CHANNELS, Autoencoder, PdnSize, pdn, pdn_out_size
+from vadbench.models.components.resize import resize_square
 from vadbench.models.components.teacher_distill import TeacherMissingError, load_teacher
 from vadbench.models.components.trainer import LoopSettings, predict_maps
 from vadbench.schema import StrictModel
@@ -161,11 +162,7 @@ class EfficientAD(AnomalyModel):
 
     # -- networks --------------------------------------------------------------------------
     def _input(self, images: torch.Tensor) -> torch.Tensor:
-        s = self.p.image_size
-        x = images.float()
-        if x.shape[-2:] != (s, s):
-            x = F.interpolate(x, size=(s, s), mode="bilinear", align_corners=False, antialias=True)
-        return x
+        return resize_square(images.float(), self.p.image_size)
 
     @torch.no_grad()
     def _teacher(self, xn: torch.Tensor) -> torch.Tensor:

@@ -18,6 +18,7 @@ from torch.utils.data import Dataset
 
 from vadbench.data.source import as_source, to_float
 from vadbench.models.base import AnomalyModel
+from vadbench.models.components.resize import resize_square
 from vadbench.models.components.smoothing import gaussian_blur
 from vadbench.models.components.trainer import LoopSettings, mean_loss
 from vadbench.models.components.trainer import train as train_loop
@@ -81,9 +82,7 @@ class PixelAutoencoderModel(AnomalyModel):
         if x.shape[1] == 3:
             w = torch.tensor(_LUMA, device=x.device).view(1, 3, 1, 1)
             x = (x * w).sum(1, keepdim=True)
-        if x.shape[-2:] != (self.input_size, self.input_size):
-            x = F.interpolate(x, size=(self.input_size,) * 2, mode="bilinear", align_corners=False, antialias=True)
-        return x.clamp(0, 1)
+        return resize_square(x, self.input_size).clamp(0, 1)
 
     def _batch_input(self, batch: torch.Tensor, device: torch.device) -> torch.Tensor:
         """The loop's `batch_fn`: a collated uint8 batch → network input on the device."""

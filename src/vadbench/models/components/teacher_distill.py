@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 from vadbench.backbones import FeatureExtractor, pick
 from vadbench.io import atomic_file, load_tensors
 from vadbench.models.components.pdn import TEACHER_CHANNELS, PdnSize, pdn
+from vadbench.models.components.resize import resize_square
 
 TEACHER_FILE = "teacher.pt"
 CARD_FILE = "card.json"
@@ -108,12 +109,6 @@ def _grayscale(x: torch.Tensor, p: float, generator: torch.Generator) -> torch.T
     return torch.where(pick_.view(-1, 1, 1, 1).to(x.device), grey, x)
 
 
-def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
-    if x.shape[-1] == size and x.shape[-2] == size:
-        return x
-    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-
-
 @torch.no_grad()
 def target_moments(
     target: DistillTarget, images: Dataset, size: int, batch_size: int, device: torch.device, limit: int
@@ -124,7 +119,7 @@ def target_moments(
     for start in range(0, min(limit, len(images)), batch_size):
         idx = range(start, min(start + batch_size, limit, len(images)))
         x = torch.stack([images[i] for i in idx]).to(device).float().div_(255)
-        t = target(_resize(x, 2 * size)).double()
+        t = target(resize_square(x, 2 * size)).double()
         s1 = t.sum((0, 2, 3)) if s1 is None else s1 + t.sum((0, 2, 3))
         s2 = t.pow(2).sum((0, 2, 3)) if s2 is None else s2 + t.pow(2).sum((0, 2, 3))
         n += t.shape[0] * t.shape[2] * t.shape[3]
@@ -173,8 +168,8 @@ def distill_teacher(
         x = torch.stack([images[i] for i in idx]).to(device).float().div_(255)
         x = _grayscale(x, grayscale, gen)
         with torch.no_grad():
-            t = (target(_resize(x, 2 * image_size)) - mean_) / std_
-        pred = net(backbone.normalize(_resize(x, image_size)))
+            t = (target(resize_square(x, 2 * image_size)) - mean_) / std_
+        pred = net(backbone.normalize(resize_square(x, image_size)))
         loss = (pred - t).pow(2).mean()
         if not torch.isfinite(loss):
             raise FloatingPointError(f"distillation loss became {loss.item()}: lower distill.lr")
