@@ -266,7 +266,7 @@ def test_chunked_rejects_misuse():
 
 
 def test_row_file_is_a_bank_on_disk_with_the_same_picks():
-    from vadbench.models.components.coreset import RowFile
+    from vadbench.models.components.row_file import RowFile
 
     x = torch.randn(3000, 48, generator=torch.Generator().manual_seed(9))
     rows = RowFile(3000, 48)

@@ -46,13 +46,14 @@ from torch.utils.data import Dataset
 from vadbench.backbones import FeatureExtractor, pick
 from vadbench.data.source import as_source, float_batches
 from vadbench.models.base import AnomalyModel, register_model
-from vadbench.models.components.coreset import ChunkedCoreset, RowFile, coreset_size, plan_bank, subsample_indices
+from vadbench.models.components.coreset import ChunkedCoreset, coreset_size, plan_bank, subsample_indices
 from vadbench.models.components.patch_features import (
     locally_aware_embedding,
     module_device,
     nearest_neighbors,
     to_rows,
 )
+from vadbench.models.components.row_file import RowFile
 from vadbench.models.components.smoothing import upsample_and_smooth
 from vadbench.schema import StrictModel
 

@@ -33,13 +33,10 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import math
-import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -232,60 +229,6 @@ def subsample_to(
     return greedy_coreset_indices(
         features, m, generator, projection_dim=projection_dim, num_starts=num_starts, progress=progress
     )
-
-
-class RowFile:
-    """Float32 rows (N, D) appended to an anonymous temporary file: a bank on disk instead of in memory.
-
-    For the greedy coreset with a projection, which reads the full rows only twice: once to project them (in
-    the same 65,536-row slices as from memory, so the projection is bit-identical) and once to copy out the
-    picks. Reads go through the file, never a memory map, so the rows do not count towards the process's
-    resident memory. Offers what `greedy_coreset_indices` uses of a feature matrix: `shape`, `ndim`, `device`,
-    contiguous row slices (`rows[a:b]` → float32 tensor), and `take` for the picks.
-    """
-
-    ndim = 2
-    device = torch.device("cpu")
-
-    def __init__(self, rows: int, dim: int) -> None:
-        self.shape = torch.Size((rows, dim))
-        self._row_bytes = dim * 4
-        self._file = tempfile.TemporaryFile()  # deleted when closed or collected (TMPDIR)
-        self._count = 0
-
-    def add(self, rows: torch.Tensor) -> None:
-        """Append rows (n, D) of any float dtype or device."""
-        if rows.ndim != 2 or rows.shape[1] != self.shape[1] or self._count + rows.shape[0] > self.shape[0]:
-            raise ValueError(f"rows {tuple(rows.shape)} do not fit a RowFile of shape {tuple(self.shape)}")
-        self._file.write(memoryview(rows.detach().to("cpu", torch.float32).contiguous().numpy()))
-        self._count += rows.shape[0]
-
-    def __getitem__(self, index: slice) -> torch.Tensor:
-        start, stop, step = index.indices(self.shape[0])
-        if step != 1:
-            raise IndexError("RowFile supports contiguous row slices only")
-        if stop > self._count:
-            raise IndexError(f"rows up to {stop:,} asked, {self._count:,} written")
-        out = np.empty((max(0, stop - start), self.shape[1]), np.float32)
-        self._file.flush()
-        got = os.preadv(self._file.fileno(), [memoryview(out)], start * self._row_bytes) if out.size else 0
-        if got != out.nbytes:
-            raise OSError(f"short read from the bank's temporary file: {got} of {out.nbytes} bytes")
-        return torch.from_numpy(out)
-
-    def take(self, indices: torch.Tensor) -> torch.Tensor:
-        """Rows at `indices` (M,), in that order: (M, D) float32."""
-        self._file.flush()
-        out = np.empty((len(indices), self.shape[1]), np.float32)
-        fd = self._file.fileno()
-        for i, row in enumerate(indices.tolist()):
-            if not 0 <= row < self._count:
-                raise IndexError(f"row {row} of a RowFile with {self._count:,} rows")
-            os.preadv(fd, [memoryview(out[i])], row * self._row_bytes)
-        return torch.from_numpy(out)
-
-    def close(self) -> None:
-        self._file.close()
 
 
 # -- memory-bounded banks -----------------------------------------------------------------------------
