@@ -92,7 +92,8 @@ def test_disk_cache_is_never_memory_mapped(tmp_path):
 def test_no_room_on_disk_or_disk_unwanted_recomputes(monkeypatch):
     images, fn = _images(), Features()
     monkeypatch.setattr(fc, "_disk_room", lambda root: 0)
-    cache = FeatureCache.build(fn, images, batch_size=4, device="cpu", ram_bytes=16)
+    with pytest.warns(fc.FeatureCacheWarning, match=r"has 0\.0 GiB free: the backbone reruns every epoch"):
+        cache = FeatureCache.build(fn, images, batch_size=4, device="cpu", ram_bytes=16)
     assert cache.mode == "recompute" and cache.ram_bytes == 0
     for got, want in zip(_read_all(cache, batch_size=N), _expected(images, fn)):
         assert torch.equal(got, want)
@@ -104,7 +105,10 @@ def test_no_room_on_disk_or_disk_unwanted_recomputes(monkeypatch):
 
 def test_values_beyond_fp16_range_recompute(tmp_path):
     images = _images()
-    cache = FeatureCache.build(Features(scale=1e6), images, batch_size=4, device="cpu", ram_bytes=0, tmp_root=tmp_path)
+    with pytest.warns(fc.FeatureCacheWarning, match="beyond fp16's range"):
+        cache = FeatureCache.build(
+            Features(scale=1e6), images, batch_size=4, device="cpu", ram_bytes=0, tmp_root=tmp_path
+        )
     assert cache.mode == "recompute"
     assert list(tmp_path.iterdir()) == []
 

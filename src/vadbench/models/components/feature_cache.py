@@ -19,7 +19,8 @@ Storage, decided once from N × (bytes of one image's maps):
   stayed resident in the process: STFPM's fit peak RSS was 7.5 GB at 5,006 256-px images against 4.0 GB
   at 1,001.) The file has no name on Linux, so a killed run leaves nothing behind. A map with values
   beyond fp16's range (|x| > 65504) abandons the disk cache for recomputation.
-- ``recompute``: no disk wanted (`disk=False`, i.e. ``feature_cache_gb: 0``) or no room: items are the
+- ``recompute``: no disk wanted (`disk=False`, i.e. ``feature_cache_gb: 0``) or no room (a
+  `FeatureCacheWarning` names the sizes and the directory): items are the
   source's uint8 images and `to_device` runs the features function on each batch (the backbone runs every
   epoch, memory stays flat).
 
@@ -36,6 +37,7 @@ import itertools
 import math
 import shutil
 import tempfile
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -54,6 +56,10 @@ MODES = ("ram", "disk", "recompute")
 #: a disk cache leaves at least this much free on its file system
 DISK_SPARE_BYTES = 2**30
 _FP16_MAX = float(torch.finfo(torch.float16).max)
+
+
+class FeatureCacheWarning(UserWarning):
+    """A cache that wanted disk fell back to recomputing features every epoch (correct, slower)."""
 
 
 class FeatureCache(Dataset):
@@ -110,10 +116,19 @@ class FeatureCache(Dataset):
         if n * per_image * 4 <= ram_bytes:
             levels: list[Any] = [torch.empty((n, *s), dtype=torch.float32) for s in shapes]
             mode = "ram"
-        elif disk and _disk_room(tmp_root) >= n * per_image * 2 + DISK_SPARE_BYTES:
+        elif disk and (room := _disk_room(tmp_root)) >= n * per_image * 2 + DISK_SPARE_BYTES:
             mode = "disk"
             levels = [RowFile(n, math.prod(s), torch.float16, dir=tmp_root) for s in shapes]
         else:
+            root = tmp_root if tmp_root is not None else tempfile.gettempdir()
+            warnings.warn(
+                f"feature cache: {n:,} images' features need {n * per_image * 4 / 2**30:.1f} GiB in RAM (budget "
+                f"feature_cache_gb {ram_bytes / 2**30:.1f}) or {n * per_image * 2 / 2**30:.1f} GiB + 1 GiB spare on "
+                f"disk, and {root} has {room / 2**30:.1f} GiB free: the backbone reruns every epoch (same results, "
+                "slower). Point TMPDIR at a larger disk or raise feature_cache_gb.",
+                FeatureCacheWarning,
+                stacklevel=2,
+            )
             return cls("recompute", features_fn, source)
         cache = cls(mode, features_fn, source, levels, shapes)
         start = 0
@@ -125,6 +140,12 @@ class FeatureCache(Dataset):
                     store[start:stop] = f
                 elif f.abs().max() > _FP16_MAX:  # beyond fp16's range: inf on disk
                     cache.close()
+                    warnings.warn(
+                        f"feature cache: features beyond fp16's range (|x| > {_FP16_MAX:.0f}) cannot go to disk: "
+                        "the backbone reruns every epoch (same results, slower)",
+                        FeatureCacheWarning,
+                        stacklevel=2,
+                    )
                     return cls("recompute", features_fn, source)
                 else:
                     store.add(f.flatten(1))
