@@ -3,6 +3,7 @@ recomputation without disk; batches through the shared loader; the train/val bud
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import pytest
@@ -97,6 +98,10 @@ def test_no_room_on_disk_or_disk_unwanted_recomputes(monkeypatch):
     assert cache.mode == "recompute" and cache.ram_bytes == 0
     for got, want in zip(_read_all(cache, batch_size=N), _expected(images, fn)):
         assert torch.equal(got, want)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fc.FeatureCacheWarning)  # no disk asked for: recomputing is no surprise
+        small = FeatureCache.build(Features(), images, batch_size=4, device="cpu", ram_bytes=16, disk=False)
+    assert small.mode == "recompute"
     fn0 = Features()
     cache0 = FeatureCache.build(fn0, images, batch_size=4, device="cpu", ram_bytes=0, disk=False)
     assert cache0.mode == "recompute" and fn0.calls == 0  # budget 0: nothing extracted up front

@@ -120,15 +120,14 @@ class FeatureCache(Dataset):
             mode = "disk"
             levels = [RowFile(n, math.prod(s), torch.float16, dir=tmp_root) for s in shapes]
         else:
-            root = tmp_root if tmp_root is not None else tempfile.gettempdir()
-            warnings.warn(
-                f"feature cache: {n:,} images' features need {n * per_image * 4 / 2**30:.1f} GiB in RAM (budget "
-                f"feature_cache_gb {ram_bytes / 2**30:.1f}) or {n * per_image * 2 / 2**30:.1f} GiB + 1 GiB spare on "
-                f"disk, and {root} has {room / 2**30:.1f} GiB free: the backbone reruns every epoch (same results, "
-                "slower). Point TMPDIR at a larger disk or raise feature_cache_gb.",
-                FeatureCacheWarning,
-                stacklevel=2,
-            )
+            if disk:  # wanted disk, had no room (without disk, recomputing is what the caller asked for)
+                root = tmp_root if tmp_root is not None else tempfile.gettempdir()
+                _warn_recompute(
+                    f"{n:,} images' features need {n * per_image * 4 / 2**30:.1f} GiB in RAM (budget "
+                    f"feature_cache_gb {ram_bytes / 2**30:.1f}) or {n * per_image * 2 / 2**30:.1f} GiB + 1 GiB spare "
+                    f"on disk, and {root} has {room / 2**30:.1f} GiB free",
+                    "Point TMPDIR at a larger disk or raise feature_cache_gb.",
+                )
             return cls("recompute", features_fn, source)
         cache = cls(mode, features_fn, source, levels, shapes)
         start = 0
@@ -140,12 +139,7 @@ class FeatureCache(Dataset):
                     store[start:stop] = f
                 elif f.abs().max() > _FP16_MAX:  # beyond fp16's range: inf on disk
                     cache.close()
-                    warnings.warn(
-                        f"feature cache: features beyond fp16's range (|x| > {_FP16_MAX:.0f}) cannot go to disk: "
-                        "the backbone reruns every epoch (same results, slower)",
-                        FeatureCacheWarning,
-                        stacklevel=2,
-                    )
+                    _warn_recompute(f"features beyond fp16's range (|x| > {_FP16_MAX:.0f}) cannot go to disk")
                     return cls("recompute", features_fn, source)
                 else:
                     store.add(f.flatten(1))
@@ -211,6 +205,12 @@ def _disk_room(tmp_root: Path | str | None) -> int:
         return shutil.disk_usage(root).free
     except OSError:
         return 0
+
+
+def _warn_recompute(reason: str, advice: str = "") -> None:
+    """A `FeatureCacheWarning` for a cache that falls back to recomputing: why, and what to change."""
+    message = f"feature cache: {reason}: the backbone reruns every epoch (same results, slower)."
+    warnings.warn(f"{message} {advice}".strip(), FeatureCacheWarning, stacklevel=3)
 
 
 class _threads:
