@@ -1,7 +1,8 @@
 """Memory and time against dataset size: fit and score peak RSS and seconds per image at N train images.
 
     .venv/bin/python benchmarks/bench_scale.py [--sizes 1000 5000 20000] [--models padim stfpm fastflow patchcore]
-                                               [--image-size 256] [--epochs 1] [--out benchmarks/results/scale.md]
+                                               [--image-size 256] [--epochs 1] [--threads N]
+                                               [--out benchmarks/results/scale.md]
 
 For each N a `folder` dataset of 256×256 grey line textures is generated (`bench_prepare.make_tree`:
 95 % normal, 5 % with a masked blob) and prepared by the library (val 5 %, test normals 2 %), so the
@@ -32,9 +33,11 @@ from bench_prepare import make_tree  # noqa: E402
 CHILD = r"""
 import json, sys, time
 from pathlib import Path
+import torch
 from vadbench.cell import CellInputs, ScoreSettings, fit_cell, score_cell
-stage, data, bb, fit_dir, score_dir, model, hparams, size = sys.argv[1:9]
+stage, data, bb, fit_dir, score_dir, model, hparams, size, threads = sys.argv[1:10]
 hparams, size = json.loads(hparams), int(size)
+torch.set_num_threads(int(threads))
 inputs = CellInputs(Path(data), Path(bb), size)
 t0 = time.perf_counter()
 if stage == "fit":
@@ -93,6 +96,7 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=["padim", "stfpm", "fastflow", "patchcore"])
     ap.add_argument("--image-size", type=int, default=256)
     ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch threads per child")
     ap.add_argument("--work", type=Path, default=None, help="keep generated data here (default: a temp dir)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/scale.md"))
     args = ap.parse_args()
@@ -116,7 +120,16 @@ def main() -> None:
         for model in args.models:
             hp = json.dumps(model_params(model, args.epochs))
             fit_dir, score_dir = work / f"fit-{model}-{n}", work / f"score-{model}-{n}"
-            common = [str(data), str(bb), str(fit_dir), str(score_dir), model, hp, str(args.image_size)]
+            common = [
+                str(data),
+                str(bb),
+                str(fit_dir),
+                str(score_dir),
+                model,
+                hp,
+                str(args.image_size),
+                str(args.threads),
+            ]
             fit = run_child(["fit", *common])
             score = run_child(["score", *common])
             report = json.loads(Path(str(fit_dir) + ".json").read_text())["0"]
@@ -142,7 +155,8 @@ def main() -> None:
 def write_report(args: argparse.Namespace, rows: list[dict]) -> None:
     lines = [
         f"\n## {time.strftime('%Y-%m-%d %H:%M')} — {os.cpu_count()}-core CPU, torch {torch.__version__}, "
-        f"{args.image_size}×{args.image_size} grey, random-init resnet18, epochs {args.epochs}\n",
+        f"{args.image_size}×{args.image_size} grey, random-init resnet18, epochs {args.epochs}, "
+        f"{args.threads} torch thread(s) per fit / score\n",
         "| model | N train | fit s | fit s/image | fit peak RSS MiB | N test | score s | score s/image | score peak RSS MiB | load1 |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
