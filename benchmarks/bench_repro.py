@@ -2,12 +2,18 @@
 
     .venv/bin/python benchmarks/bench_repro.py                  # default grid → benchmarks/results/repro.md
     .venv/bin/python benchmarks/bench_repro.py --profile full   # every model → benchmarks/results/repro_full.md
+    .venv/bin/python benchmarks/bench_repro.py --profile full --workdir build/repro-full   # resumable
 
 Clones the committed HEAD into a temporary directory (empty `data/`, no DVC cache), runs `dvc repro`
 there with this checkout's virtual environment and the clone's own sources first on `PYTHONPATH`, and
 timestamps each "Running stage" line of DVC's output. The issue's budget is "the whole default run
 ≤ 10 minutes on 2 cores" for the default: this is the measurement, on whatever machine runs it. With
 `--profile NAME` the clone first switches to profiles/NAME.yaml (`vadbench profile NAME`).
+
+The full profile takes hours on 2 cores: with `--workdir DIR` the clone stays in DIR and every finished
+stage's time is appended to DIR/stages.jsonl, and the report is rewritten after each stage (marked
+incomplete until `dvc repro` ends). Running the same command again resumes: DVC skips the stages
+already done in that clone, and a stage that was interrupted runs again from its start.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -29,8 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
-def run_repro(project: Path) -> tuple[float, list[tuple[str, float]]]:
-    """Run `dvc repro` in `project`; return (total seconds, [(stage, seconds), ...] in run order)."""
+def repro_env(project: Path) -> dict[str, str]:
     env = {
         **os.environ,
         "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
@@ -38,21 +44,35 @@ def run_repro(project: Path) -> tuple[float, list[tuple[str, float]]]:
         "HF_HUB_OFFLINE": "1",
     }
     env.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the Makefile
+    return env
+
+
+def run_repro(project: Path, on_stage_done: Callable[[str, float], None]) -> None:
+    """Run `dvc repro` in `project`, calling `on_stage_done(stage, seconds)` as each stage ends.
+
+    A stage ends when DVC starts the next one (or exits): the seconds include DVC's own bookkeeping after it."""
     start = time.perf_counter()
-    marks: list[tuple[str, float]] = []
+    current: tuple[str, float] | None = None
     with subprocess.Popen(
-        ["dvc", "repro"], cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        ["dvc", "repro"],
+        cwd=project,
+        env=repro_env(project),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     ) as proc:
         assert proc.stdout is not None
         for line in proc.stdout:
             if line.startswith("Running stage '"):
-                marks.append((line.split("'")[1], time.perf_counter()))
-                print(f"[{time.perf_counter() - start:7.1f} s] {marks[-1][0]}", flush=True)
+                now = time.perf_counter()
+                if current is not None:
+                    on_stage_done(current[0], now - current[1])
+                current = (line.split("'")[1], now)
+                print(f"[{now - start:7.1f} s] {current[0]}", flush=True)
         if proc.wait() != 0:
-            raise SystemExit(f"dvc repro failed in {project} (exit {proc.returncode})")
-    end = time.perf_counter()
-    stops = [t for _, t in marks[1:]] + [end]
-    return end - start, [(name, stop - t) for (name, t), stop in zip(marks, stops)]
+            raise SystemExit(f"dvc repro failed in {project} (exit {proc.returncode}); stages timed so far are kept")
+    if current is not None:
+        on_stage_done(current[0], time.perf_counter() - current[1])
 
 
 def cell_rows(project: Path) -> list[str]:
@@ -98,51 +118,143 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--profile", default=None, help="run profiles/<name>.yaml instead of params.yaml (e.g. full)")
-    ap.add_argument("--out", type=Path, default=None, help="default: results/repro.md or results/repro_<profile>.md")
-    ap.add_argument("--keep", action="store_true", help="keep the temporary clone")
-    args = ap.parse_args()
-    if args.out is None:
-        name = "repro.md" if args.profile is None else f"repro_{args.profile}.md"
-        args.out = ROOT / "benchmarks" / "results" / name
-    tmp = Path(tempfile.mkdtemp(prefix="vadbench-repro-"))
-    project = tmp / "clone"
-    try:
-        subprocess.run(["git", "clone", "-q", str(ROOT), str(project)], check=True)
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=project, capture_output=True, text=True)
-        if args.profile is not None:
-            subprocess.run([str(BIN / "vadbench"), "profile", args.profile], cwd=project, check=True)
-        load = os.getloadavg()[0]
-        cpu_before = _children_cpu_seconds()
-        total, stages = run_repro(project)
-        cpu = _children_cpu_seconds() - cpu_before
-        load_end = os.getloadavg()[0]
-        lines = [
-            f"# Whole `dvc repro`: {'default params.yaml' if args.profile is None else f'profile {args.profile}'}\n",
-            f"Generated by `benchmarks/bench_repro.py` on {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, commit "
-            f"{commit.stdout.strip()}, {os.cpu_count()} CPU(s) ({_cpu_name()}), load average {load:.1f} at start and "
-            f"{load_end:.1f} at the end. A fresh clone (empty `data/`, no DVC cache); installation not included.\n",
-            f"**Total: {total / 60:.1f} min ({total:.0f} s)** for {len(stages)} stages; the run used {cpu:.0f} CPU-seconds "
-            f"(user + system of every process it started: a load-independent check on the wall time).\n",
-            "| stage | wall s |",
-            "|---|---|",
-            *[f"| {name} | {sec:.1f} |" for name, sec in stages],
+def stage_count(project: Path) -> int | None:
+    """How many stages the expanded dvc.yaml holds (what a fresh `dvc repro` runs), or None if DVC cannot say."""
+    res = subprocess.run(
+        ["dvc", "stage", "list", "--all"], cwd=project, env=repro_env(project), capture_output=True, text=True
+    )
+    return len([line for line in res.stdout.splitlines() if line.strip()]) if res.returncode == 0 else None
+
+
+def read_log(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+
+
+def write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _load(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1f}"
+
+
+def report(project: Path, profile: str | None, log: list[dict], n_stages: int | None, finished: bool) -> str:
+    """The results page from the run log (every invocation's stage times; the last time of a stage counts)."""
+    runs = [r for r in log if r["kind"] == "run"]
+    times: dict[str, float] = {}
+    for r in log:
+        if r["kind"] == "stage":
+            times[r["stage"]] = r["seconds"]
+    total = sum(times.values())
+    cpu = [r.get("cpu_seconds") for r in runs]
+    first, last = runs[0], runs[-1]
+    lines = [
+        f"# Whole `dvc repro`: {'default params.yaml' if profile is None else f'profile {profile}'}\n",
+        f"Generated by `benchmarks/bench_repro.py`, started {first['utc']} UTC, commit {first['commit']}, "
+        f"{os.cpu_count()} CPU(s) ({_cpu_name()}), load average {_load(first.get('load1'))} at the start"
+        + (f" and {last['load1_end']:.1f} at the end" if finished and "load1_end" in last else "")
+        + ". A fresh clone (empty `data/`, no DVC cache); installation not included.\n",
+    ]
+    if len(runs) > 1:
+        lines.append(
+            f"Run in {len(runs)} invocations (`--workdir`: each resumed `dvc repro` in the same clone, which skips the "
+            "stages already done); a stage interrupted mid-way was rerun whole and only its complete time counts.\n"
+        )
+    of = "" if n_stages is None else f" of {n_stages}"
+    if finished:
+        cpu_text = (
+            f"; the run used {sum(cpu):.0f} CPU-seconds (user + system of every process it started: a "
+            "load-independent check on the wall time)"
+            if all(c is not None for c in cpu)
+            else "; CPU-seconds not known (an invocation was interrupted)"
+        )
+        lines.append(f"**Total: {total / 60:.1f} min ({total:.0f} s)** for {len(times)}{of} stages{cpu_text}.\n")
+    else:
+        lines.append(
+            f"**Incomplete: {len(times)}{of} stages timed so far, {total / 60:.1f} min ({total:.0f} s)**; the run has "
+            "not finished (rerun with the same `--workdir` to go on).\n"
+        )
+    lines += ["| stage | wall s |", "|---|---|", *[f"| {name} | {sec:.1f} |" for name, sec in times.items()]]
+    if finished:
+        lines += [
             "\n## Cells (quality: metrics/summary.json; seconds and memory: this run's metrics/measured/{fit,score}/)\n",
             "| dataset | model | backbone | image AUROC | pixel AUROC | fit s | latency ms | fit peak RSS MB | params M |",
             "|---|---|---|---|---|---|---|---|---|",
             *cell_rows(project),
         ]
-        text = "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--profile", default=None, help="run profiles/<name>.yaml instead of params.yaml (e.g. full)")
+    ap.add_argument("--out", type=Path, default=None, help="default: results/repro.md or results/repro_<profile>.md")
+    ap.add_argument("--keep", action="store_true", help="keep the temporary clone")
+    ap.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="clone into DIR/clone and keep it, with the stage times in DIR/stages.jsonl; if DIR already holds a "
+        "clone, resume its run (DVC skips finished stages). The report is rewritten after every stage.",
+    )
+    args = ap.parse_args()
+    if args.out is None:
+        name = "repro.md" if args.profile is None else f"repro_{args.profile}.md"
+        args.out = ROOT / "benchmarks" / "results" / name
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="vadbench-repro-"))
+    project, log_path = work / "clone", work / "stages.jsonl"
+    resume = args.workdir is not None and (project / "dvc.yaml").is_file()
+    try:
+        if resume:
+            wanted = f"profiles/{args.profile}.yaml" if args.profile else "the committed params.yaml"
+            expected = (
+                (project / "profiles" / f"{args.profile}.yaml").read_bytes()
+                if args.profile
+                else subprocess.run(
+                    ["git", "show", "HEAD:params.yaml"], cwd=project, capture_output=True, check=True
+                ).stdout
+            )
+            if (project / "params.yaml").read_bytes() != expected:
+                raise SystemExit(
+                    f"{project}/params.yaml is not {wanted}: resume with the --profile it was started with"
+                )
+        else:
+            subprocess.run(["git", "clone", "-q", str(ROOT), str(project)], check=True)
+            if args.profile is not None:
+                subprocess.run([str(BIN / "vadbench"), "profile", args.profile], cwd=project, check=True)
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=project, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        n_stages = stage_count(project)
+        run = {
+            "kind": "run",
+            "utc": f"{datetime.now(UTC):%Y-%m-%d %H:%M}",
+            "commit": commit,
+            "load1": os.getloadavg()[0],
+        }
+        log = [*read_log(log_path), run]
+        write_atomic(log_path, "".join(json.dumps(r) + "\n" for r in log))
+
+        def stage_done(stage: str, seconds: float) -> None:
+            log.append({"kind": "stage", "stage": stage, "seconds": seconds})
+            write_atomic(log_path, "".join(json.dumps(r) + "\n" for r in log))
+            write_atomic(args.out, report(project, args.profile, log, n_stages, finished=False))
+
+        cpu_before = _children_cpu_seconds()
+        run_repro(project, stage_done)
+        run.update(cpu_seconds=_children_cpu_seconds() - cpu_before, load1_end=os.getloadavg()[0])
+        write_atomic(log_path, "".join(json.dumps(r) + "\n" for r in log))
+        text = report(project, args.profile, log, n_stages, finished=True)
         print(text)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+        write_atomic(args.out, text)
     finally:
-        if args.keep:
+        if args.keep or args.workdir is not None:
             print(f"kept {project}")
         else:
-            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
