@@ -1,20 +1,19 @@
 """benchmarks/bench_repro.py: the report of a run spread over several invocations, and the resume guard."""
 
-import importlib.util
+import importlib
 import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_repro", ROOT / "benchmarks" / "bench_repro.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_repro"] = module
-    spec.loader.exec_module(module)
-    return module
+    import bench_repro
+
+    return importlib.reload(bench_repro)  # monkeypatched attributes never leak between tests
 
 
 def _run(utc: str, **extra) -> dict:
