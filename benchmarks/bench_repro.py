@@ -131,10 +131,14 @@ def read_log(path: Path) -> list[dict]:
 
 
 def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    from vadbench.io import atomic_file
+
+    with atomic_file(path, "w") as fh:
+        fh.write(text)
+
+
+def save_log(path: Path, log: list[dict]) -> None:
+    write_atomic(path, "".join(json.dumps(r) + "\n" for r in log))
 
 
 def _load(value: float | None) -> str:
@@ -236,17 +240,17 @@ def main() -> None:
             "load1": os.getloadavg()[0],
         }
         log = [*read_log(log_path), run]
-        write_atomic(log_path, "".join(json.dumps(r) + "\n" for r in log))
+        save_log(log_path, log)
 
         def stage_done(stage: str, seconds: float) -> None:
             log.append({"kind": "stage", "stage": stage, "seconds": seconds})
-            write_atomic(log_path, "".join(json.dumps(r) + "\n" for r in log))
+            save_log(log_path, log)
             write_atomic(args.out, report(project, args.profile, log, n_stages, finished=False))
 
         cpu_before = _children_cpu_seconds()
         run_repro(project, stage_done)
         run.update(cpu_seconds=_children_cpu_seconds() - cpu_before, load1_end=os.getloadavg()[0])
-        write_atomic(log_path, "".join(json.dumps(r) + "\n" for r in log))
+        save_log(log_path, log)
         text = report(project, args.profile, log, n_stages, finished=True)
         print(text)
         write_atomic(args.out, text)
