@@ -65,6 +65,33 @@ def test_loss_is_truncated_l1_plus_focal_terms(backbone, toy_defect_data):
     torch.testing.assert_close(loss, ref)
 
 
+def test_anomalies_without_masks_add_only_the_image_loss(backbone, toy_defect_data):
+    """An image-level-labelled anomaly (no mask file) must not teach the map "defect-free" (supervised mode)."""
+    model = create_model("supersimplenet", backbone=backbone, **SMALL).eval()
+    with torch.no_grad():
+        adapted = model.adaptor(model._features(toy_defect_data[0][:4])[0])
+        seg, logit = model.heads(adapted)
+    masks = torch.zeros(seg.shape)
+    masks[2, :, :2, :2] = 1.0
+    labels = torch.tensor([0.0, 1.0, 1.0, 0.0])
+    known = torch.tensor([True, False, True, True])
+    with torch.no_grad():
+        loss = model.target_loss(adapted, masks, labels, known)
+        other = masks.clone()
+        other[1] = 1.0  # whatever the unknown image's mask holds, it is ignored
+        assert torch.equal(loss, model.target_loss(adapted, other, labels, known))
+        everything = model.target_loss(adapted, masks, labels)
+        assert torch.equal(everything, model.target_loss(adapted, masks, labels, torch.ones(4, dtype=torch.bool)))
+        assert not torch.equal(loss, everything)
+        only_image = model.target_loss(adapted, masks, labels, torch.zeros(4, dtype=torch.bool))
+    s, m = seg[known], masks[known]
+    ref = torch.clamp(s[m == 0] + 0.5, min=0).mean() + torch.clamp(0.5 - s[m > 0], min=0).mean()
+    ref = ref + sigmoid_focal_loss(s, m, alpha=-1, gamma=4, reduction="mean")
+    image = sigmoid_focal_loss(logit, labels, alpha=-1, gamma=4, reduction="mean")
+    torch.testing.assert_close(loss, ref + image)
+    torch.testing.assert_close(only_image, image)  # no known mask in the batch: the image loss alone, no NaN
+
+
 def test_predict_map_from_seg_head_score_from_cls_head(backbone, toy_defect_data):
     train, test = toy_defect_data[0], toy_defect_data[1][:3]
     model = create_model("supersimplenet", backbone=backbone, **SMALL)

@@ -77,6 +77,33 @@ def test_fold_sources_keep_test_normals_out_of_training(tiny_sem: Path) -> None:
         FoldData(tiny_sem, 25, seed=0)
 
 
+def test_masks_of_image_level_anomalies_are_marked_unknown(tiny_sem: Path, tmp_path: Path) -> None:
+    import csv
+    import shutil
+
+    copy = tmp_path / "image_level"
+    shutil.copytree(tiny_sem, copy)
+    with open(copy / "manifest.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    for r in rows:
+        if r["label"] == "1" and r["defect_type"] != "particle":
+            r["mask_path"] = ""  # labelled per image only, as ELPV's anomalies
+    with open(copy / "manifest.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    data = FoldData(copy, 3, seed=0)
+    train = data.sources(data.folds[0], with_masks=True).train
+    seen = set()
+    for i in range(len(train)):
+        _, mask, label, known = train[i]
+        particle = train.defect_types[i] == "particle"
+        assert bool(known) == (float(label) == 0.0 or particle), train.paths[i]
+        assert mask.any() == (float(label) == 1.0 and particle)
+        seen.add((float(label), bool(known)))
+    assert seen == {(0.0, True), (1.0, True), (1.0, False)}
+
+
 def test_thresholds_and_pooled_metrics() -> None:
     assert f1_max_threshold(np.array([0.1, 0.2, 0.8, 0.9]), np.array([0, 0, 1, 1])) == 0.8
     assert f1_max_threshold(np.array([0.1, 0.3]), np.array([0, 0])) > 0.3  # no anomalies: above every normal

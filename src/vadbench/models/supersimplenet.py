@@ -185,19 +185,23 @@ class SuperSimpleNet(AnomalyModel):
         """Truncated L1 + focal on the map, focal on the image logit, over the duplicated batch."""
         return self.target_loss(*self.synthetic_anomalies(self.adaptor(self.feature_norm(feats[0]))))
 
-    def target_loss(self, adapted: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def target_loss(
+        self, adapted: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor, known: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The paper's loss of adapted features (B, D, h, w) against pixel masks (B, 1, h, w) and image labels
-        (B,): synthetic targets (unsupervised), or real ones too (`vadbench.supervised.supersimplenet`)."""
+        (B,): synthetic targets (unsupervised), or real ones too (`vadbench.supervised.supersimplenet`).
+        `known` (B,) bool: images whose mask is known; the others (anomalies labelled only at image level) add
+        the classification loss alone, as mixed-supervision training treats weak labels."""
         p = self.p
         seg, logit = self.heads(adapted)
+        if known is not None and not bool(known.all()):  # all known: the same tensors, so the same bytes
+            seg, masks = seg[known], masks[known]
         anomalous = masks > 0
         # the map is high where anomalous: negate it into truncated_l1's "normal high" convention
-        l1 = truncated_l1(-seg[~anomalous], -seg[anomalous], p.margin)
-        return (
-            l1
-            + focal_loss_with_logits(seg, masks, p.focal_gamma)
-            + focal_loss_with_logits(logit, labels, p.focal_gamma)
-        )
+        pixel = truncated_l1(-seg[~anomalous], -seg[anomalous], p.margin)
+        if seg.numel():
+            pixel = pixel + focal_loss_with_logits(seg, masks, p.focal_gamma)
+        return pixel + focal_loss_with_logits(logit, labels, p.focal_gamma)
 
     # -- fit --------------------------------------------------------------------------------
     def optimization(

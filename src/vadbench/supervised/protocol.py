@@ -91,7 +91,9 @@ def make_folds(defect_types: Sequence[str], k: int, seed: int, dataset: str = "d
 
 class LabelledSource(Dataset):
     """Images from several splits with image labels: ``src[i]`` → (uint8 (C, H, W), float32 label), or
-    (image, uint8 mask (H, W), label) with `with_masks`. Decodes on access, as `ImageSource` does."""
+    (image, uint8 mask (H, W), label, bool mask_known) with `with_masks`. `mask_known` is false for an anomalous
+    image without a mask file (image-level label only, e.g. ELPV): its all-zero mask means "unknown", not
+    "defect-free". Decodes on access, as `ImageSource` does."""
 
     def __init__(self, parts: Sequence[tuple[ImageSource, Sequence[int]]], with_masks: bool = False) -> None:
         self.items = [(src, int(i)) for src, idx in parts for i in idx]
@@ -110,7 +112,9 @@ class LabelledSource(Dataset):
     def __getitem__(self, i: int):  # noqa: ANN204 - a tuple whose length depends on with_masks
         src, j = self.items[i]
         label = torch.tensor(float(self.labels[i]))
-        return (src[j], src.mask(j), label) if self.with_masks else (src[j], label)
+        if not self.with_masks:
+            return src[j], label
+        return src[j], src.mask(j), label, torch.tensor(bool(src.has_mask[j]))
 
     def images(self) -> Dataset:
         """The same images without labels (uint8 (C, H, W) items): what `predict` streams."""

@@ -5,6 +5,8 @@ feature adaptor, segmentation and classification heads, `target_loss`); what cha
 
 * training batches hold normals *and* the training folds' real anomalies with their masks; each real mask is
   brought to the feature grid as the paper's code does (bilinear, then ≥ 0.5);
+* an anomaly without a mask file (a dataset labelled per image, such as ELPV) adds only the classification
+  loss: an all-zero target would teach the segmentation head that the defect is normal;
 * the normal images still get the unsupervised mode's Perlin-masked feature noise (a normal copy and a noisy
   copy of each), so real and synthetic anomalies train the heads together;
 * the classification head sees the map with gradients (`stop_grad` off: the paper's supervised setting lets the
@@ -65,20 +67,23 @@ class SupervisedSuperSimpleNet:
         return self.model.backbone.device
 
     def _targets(self, batch: Any, device: torch.device, synthetic: bool) -> tuple[torch.Tensor, ...]:
-        """(images, masks, labels) → adapted features with targets; normals get synthetic copies if asked."""
+        """(images, masks, labels, mask_known) → adapted features, mask grid, labels, mask_known; normals get
+        synthetic copies if asked (their synthetic masks are known)."""
         m = self.model
         images, masks, labels = to_float(batch[0], device), batch[1].to(device), batch[2].to(device)
         adapted = m.adaptor(m.feature_norm(m._features(images)[0]))
         grid = feature_masks(masks, tuple(adapted.shape[-2:]))
         real = labels > 0.5
         grid = grid * real[:, None, None, None]  # a normal image's target is empty, whatever its mask file says
+        known = batch[3].to(device) | ~real  # a normal image's empty target is known
         if not synthetic or not (~real).any():
-            return adapted, grid, real.float()
+            return adapted, grid, real.float(), known
         noisy, syn_masks, syn_labels = m.synthetic_anomalies(adapted[~real])
         return (
             torch.cat([noisy, adapted[real]]),
             torch.cat([syn_masks, grid[real]]),
             torch.cat([syn_labels, torch.ones(int(real.sum()), device=device)]),
+            torch.cat([torch.ones(len(noisy), dtype=torch.bool, device=device), known[real]]),
         )
 
     def fit(self, train: Dataset, val: Dataset | None = None) -> dict[str, Any]:
