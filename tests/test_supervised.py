@@ -78,20 +78,18 @@ def test_fold_sources_keep_test_normals_out_of_training(tiny_sem: Path) -> None:
 
 
 def test_masks_of_image_level_anomalies_are_marked_unknown(tiny_sem: Path, tmp_path: Path) -> None:
-    import csv
+    import dataclasses
     import shutil
+
+    from vadbench.data.manifest import read_manifest, write_manifest
 
     copy = tmp_path / "image_level"
     shutil.copytree(tiny_sem, copy)
-    with open(copy / "manifest.csv", newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    for r in rows:
-        if r["label"] == "1" and r["defect_type"] != "particle":
-            r["mask_path"] = ""  # labelled per image only, as ELPV's anomalies
-    with open(copy / "manifest.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    rows = [  # labelled per image only, as ELPV's anomalies
+        dataclasses.replace(r, mask_path="") if r.label == 1 and r.defect_type != "particle" else r
+        for r in read_manifest(copy)
+    ]
+    write_manifest(copy, rows)
     data = FoldData(copy, 3, seed=0)
     train = data.sources(data.folds[0], with_masks=True).train
     seen = set()

@@ -75,7 +75,7 @@ class SupervisedSuperSimpleNet:
         grid = feature_masks(masks, tuple(adapted.shape[-2:]))
         real = labels > 0.5
         grid = grid * real[:, None, None, None]  # a normal image's target is empty, whatever its mask file says
-        known = batch[3].to(device) | ~real  # a normal image's empty target is known
+        known = batch[3].to(device)  # false only for an anomaly without a mask file
         if not synthetic or not (~real).any():
             return adapted, grid, real.float(), known
         noisy, syn_masks, syn_labels = m.synthetic_anomalies(adapted[~real])
