@@ -143,3 +143,22 @@ def test_params_yaml_section_is_complete_and_valid():
     PaDiM.Params.model_validate(section)
     # every hyperparameter is visible in params.yaml, except `seed` (the fit stage passes the top-level seed)
     assert set(section) == set(PaDiM.Params.model_fields) - {"seed"}
+
+
+def test_inverse_is_exact_for_wide_matrices_on_several_threads():
+    """The batched MKL inverse of torch 2.14.1 breaks for d > 128 on 2+ CPU threads (raises or returns wrong
+    matrices); PaDiM's n_features may be 550 (the paper profile), so its inverse must be right there."""
+    from vadbench.models.padim import inverse_per_matrix
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 192, 256, dtype=torch.float64, generator=g)
+    cov = x @ x.transpose(1, 2) / 256 + 0.01 * torch.eye(192, dtype=torch.float64)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        inv = inverse_per_matrix(cov)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(cov @ inv, torch.eye(192, dtype=torch.float64).expand_as(cov), atol=1e-9, rtol=0)
+    small = cov[:, :64, :64].contiguous()  # where the batched call is right, the per-matrix one equals it bitwise
+    assert torch.equal(inverse_per_matrix(small), torch.linalg.inv(small))

@@ -27,6 +27,22 @@ from vadbench.models.components.smoothing import upsample_and_smooth
 from vadbench.schema import StrictModel
 
 
+def inverse_per_matrix(mats: torch.Tensor) -> torch.Tensor:
+    """(P, d, d) invertible matrices → their inverses, one matrix per LAPACK call on CPU.
+
+    Why not one batched `torch.linalg.inv`: with torch 2.14.1's MKL on a 2-thread CPU, the batched inverse of
+    d > 128 matrices raises ("Pivots given to lu_solve must all be greater or equal to 1", MKL "DLASWP
+    parameter 6") or silently returns wrong matrices (‖A·A⁻¹ − I‖ ≈ 1); single matrices are exact, and for
+    d ≤ 128 the results are bitwise those of the batched call (measured 2026-12-06, docs/MODELS.md).
+    """
+    if mats.device.type != "cpu":
+        return torch.linalg.inv(mats)
+    out = torch.empty_like(mats)
+    for i in range(mats.shape[0]):
+        torch.linalg.inv(mats[i], out=out[i])
+    return out
+
+
 @register_model
 class PaDiM(AnomalyModel):
     name = "padim"
@@ -95,7 +111,7 @@ class PaDiM(AnomalyModel):
         cov = (s2 - n * mean[:, :, None] * mean[:, None, :]) / (n - 1)
         cov += self.p.epsilon * torch.eye(d, dtype=torch.float64, device=device)
         self.mean = mean.T.reshape(d, h, w).float().contiguous()
-        self.inv_covariance = torch.linalg.inv(cov).float().contiguous()
+        self.inv_covariance = inverse_per_matrix(cov).float().contiguous()
         return {
             "grid": [int(h), int(w)],
             "n_features": int(d),
