@@ -16,7 +16,7 @@ from sklearn.metrics import roc_auc_score
 from vadbench.backbones import load_feature_extractor
 from vadbench.data.source import TensorSource
 from vadbench.models import create_model, load_model
-from vadbench.models.padim import PaDiM
+from vadbench.models.padim import PaDiM, inverse_per_matrix
 
 
 @pytest.fixture(scope="module")
@@ -148,8 +148,6 @@ def test_params_yaml_section_is_complete_and_valid():
 def test_inverse_is_exact_for_wide_matrices_on_several_threads():
     """The batched MKL inverse of torch 2.14.1 breaks for d > 128 on 2+ CPU threads (raises or returns wrong
     matrices); PaDiM's n_features may be 550 (the paper profile), so its inverse must be right there."""
-    from vadbench.models.padim import inverse_per_matrix
-
     g = torch.Generator().manual_seed(0)
     x = torch.randn(16, 192, 256, dtype=torch.float64, generator=g)
     cov = x @ x.transpose(1, 2) / 256 + 0.01 * torch.eye(192, dtype=torch.float64)
