@@ -43,6 +43,27 @@ def inverse_per_matrix(mats: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def inverse_covariances(
+    sum_outer: torch.Tensor, mean: torch.Tensor, n: int, epsilon: float, chunk: int = 64
+) -> torch.Tensor:
+    """Σxxᵀ (P, d, d) float64, means (P, d), N → float32 (P, d, d) inverses of (covariance + ε·I).
+
+    Chunks of `chunk` grid positions at a time, each inverse written straight into the float32 result: the peak
+    is Σxxᵀ plus half of it (not ~3.5× Σxxᵀ as whole-tensor temporaries would take; for the paper profile's
+    d = 550 on a 64×64 grid Σxxᵀ alone is 9.9 GB). Element-wise work per chunk, so bitwise the whole-tensor
+    result."""
+    positions, d, _ = sum_outer.shape
+    eye = epsilon * torch.eye(d, dtype=torch.float64, device=sum_outer.device)
+    out = torch.empty(positions, d, d, dtype=torch.float32, device=sum_outer.device)
+    for start in range(0, positions, chunk):
+        rows = slice(start, start + chunk)
+        m = mean[rows]
+        cov = (sum_outer[rows] - n * m[:, :, None] * m[:, None, :]) / (n - 1)
+        cov += eye
+        out[rows] = inverse_per_matrix(cov)
+    return out
+
+
 @register_model
 class PaDiM(AnomalyModel):
     name = "padim"
@@ -108,10 +129,8 @@ class PaDiM(AnomalyModel):
             s2.baddbmm_(x.transpose(1, 2), x)  # in place: no (P, d, d) float64 temporary per batch (3× faster)
         assert s1 is not None and s2 is not None
         mean = s1 / n  # (P, d)
-        cov = (s2 - n * mean[:, :, None] * mean[:, None, :]) / (n - 1)
-        cov += self.p.epsilon * torch.eye(d, dtype=torch.float64, device=device)
         self.mean = mean.T.reshape(d, h, w).float().contiguous()
-        self.inv_covariance = inverse_per_matrix(cov).float().contiguous()
+        self.inv_covariance = inverse_covariances(s2, mean, n, self.p.epsilon)
         return {
             "grid": [int(h), int(w)],
             "n_features": int(d),
