@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vadbench.io import read_rows
 from vadbench.report.figures import plt, save_figure
 
 
@@ -53,10 +54,12 @@ def render_gallery(
     ncol = max(1, len(cases))
     fig, axes = plt.subplots(2, ncol, figsize=(1.9 * ncol, 4.3), squeeze=False)
     if maps is not None and len(maps):
-        # the colour scale from at most ~256 maps, evenly spaced: a memory-mapped test split is never read whole
-        sample = np.asarray(maps[:: -(-len(maps) // 256)], dtype=np.float32)
-        lo, hi = np.percentile(sample, [1.0, 99.5])
+        # the colour scale from at most ~256 maps, evenly spaced, read row by row: a memory-mapped test split
+        # is never made resident as a whole (io.read_rows says why a strided view would)
+        sample = read_rows(maps, range(0, len(maps), -(-len(maps) // 256))).astype(np.float32, copy=False)
+        lo, hi = np.percentile(sample, [1.0, 99.5], overwrite_input=True)  # sample is our own copy
         hi = hi if hi > lo else lo + 1e-6
+        shown_maps = read_rows(maps, [i for _, i in cases])
     for col, (group, i) in enumerate(cases):
         img = images[i].transpose(1, 2, 0)
         img = img[..., 0] if img.shape[-1] == 1 else img
@@ -68,7 +71,7 @@ def render_gallery(
         top.set_title(f"{group.split()[0]} {group.split()[-1]}\nscore {scores[i]:.3g}", fontsize=7)
         bottom.imshow(img, cmap=cmap, vmin=0, vmax=1)
         if maps is not None:
-            bottom.imshow(maps[i], cmap="jet", alpha=0.45, vmin=lo, vmax=hi)
+            bottom.imshow(shown_maps[col], cmap="jet", alpha=0.45, vmin=lo, vmax=hi)
         else:
             bottom.text(
                 0.5, 0.5, "no map\n(image-level)", ha="center", va="center", fontsize=7, transform=bottom.transAxes
