@@ -3,6 +3,7 @@ the default output pinned to its hashes from before the generator options (compo
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -131,6 +132,22 @@ def test_stale_output_is_replaced_and_other_work_dirs_removed(built: Path, tmp_p
     build.generate(out, FractalsParams(**TINY), 0, progress=False)
     assert not (out / "junk").exists() and not stale.exists()
     assert sha256_tree(out) == sha256_tree(built)
+
+
+def test_a_live_run_s_work_dir_survives_another_run_finishing(built: Path, tmp_path: Path) -> None:
+    """Two params generated side by side into sibling folders: the first to finish removed the other's work
+    in progress (seed 2 of a study crashed on a vanished temp file). A locked work dir is left alone now."""
+    out = tmp_path / "y" / "fractals"
+    root = out.parent / build.WORK_DIRNAME
+    live = root / "0123456789abcdef"
+    (live / "rows").mkdir(parents=True)
+    held = open(root / f"{live.name}.lock", "a")  # what a running generate holds
+    fcntl.flock(held, fcntl.LOCK_EX)
+    build.generate(out, FractalsParams(**TINY), 0, progress=False)
+    assert (live / "rows").is_dir() and sha256_tree(out) == sha256_tree(built)
+    held.close()  # that run ends (or dies: the kernel drops its lock)
+    build.generate(out, FractalsParams(**TINY), 0, progress=False)
+    assert not root.exists()  # its leftovers are now idle, so removed
 
 
 def test_spawn_workers_give_the_same_bytes(built: Path, tmp_path: Path) -> None:

@@ -11,12 +11,17 @@ options (multi-fractal collages, backgrounds, colour; compose.py) leave plain pa
 Work happens in `<out.parent>/.fractals-work/<params hash>/` (DVC deletes `out` before a rerun, so
 progress must live elsewhere). A class is finished once its rows file exists; an interrupted run,
 rerun with the same params, skips finished classes. Files are written under a temp name and renamed,
-so no half-written PNG is ever visible, and `out` appears in one rename at the very end.
+so no half-written PNG is ever visible, and `out` appears in one rename at the very end. A run holds an
+exclusive lock on `<params hash>.lock` beside its work dir: a second run with the same params waits for it,
+and the removal of other params' leftovers skips work dirs whose run is alive (two seeds generated side by
+side into sibling folders once deleted each other's work).
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import fcntl
 import hashlib
 import io
 import json
@@ -24,7 +29,9 @@ import multiprocessing as mp
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 from PIL import Image
@@ -152,15 +159,74 @@ def _swap_into_place(work: Path, out: Path) -> None:
         os.replace(work, out)
 
 
+def _lock(path: Path, wait: bool) -> IO[str] | None:
+    """An exclusive flock on `path` (created if missing), or None when `wait` is False and another process
+    holds it. Retries when the file was unlinked while we waited (its holder finished and removed it)."""
+    while True:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fh = open(path, "a")
+        except FileNotFoundError:  # the folder was removed between mkdir and open
+            continue
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            fh.close()
+            return None
+        try:
+            if os.stat(path).st_ino == os.fstat(fh.fileno()).st_ino:
+                return fh
+        except FileNotFoundError:
+            pass
+        fh.close()
+
+
+@contextlib.contextmanager
+def _work_held(root: Path, key: str) -> Iterator[None]:
+    """Hold `root/<key>.lock` for the block; the lock file is removed on exit."""
+    path = root / f"{key}.lock"
+    fh = _lock(path, wait=True)
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # while held: a waiter notices the unlink and locks a fresh file
+        fh.close()  # type: ignore[union-attr]
+
+
+def _remove_idle_work(root: Path, keep: str) -> None:
+    """Delete other params' work dirs (and lock files) under `root` unless their run is alive."""
+    try:
+        keys = {p.name.removesuffix(".lock") for p in root.iterdir()} - {keep}
+    except FileNotFoundError:  # another run removed the emptied folder
+        return
+    for key in sorted(keys):
+        fh = _lock(root / f"{key}.lock", wait=False)
+        if fh is None:  # a run of those params is in progress
+            continue
+        shutil.rmtree(root / key, ignore_errors=True)
+        (root / f"{key}.lock").unlink(missing_ok=True)
+        fh.close()
+
+
 def generate(out: Path, p: FractalsParams, seed: int, progress: bool = True) -> dict:
     """Generate the dataset into `out` (see module doc); returns info.json's content.
 
     Uses p.workers spawn-started processes (one class per task). Work in progress lives in
-    `<out.parent>/.fractals-work/<params hash>/`; other hashes' leftovers are removed on success.
+    `<out.parent>/.fractals-work/<params hash>/`; other hashes' leftovers are removed on success unless a
+    run of theirs is in progress.
     """
     out = Path(out)
     root = out.parent / WORK_DIRNAME
-    work = root / params_hash(seed, p)
+    key = params_hash(seed, p)
+    with _work_held(root, key):
+        info = _generate(out, p, seed, root / key, progress)
+    _remove_idle_work(root, keep=key)
+    with contextlib.suppress(OSError):  # not empty: another run started meanwhile
+        root.rmdir()
+    return info
+
+
+def _generate(out: Path, p: FractalsParams, seed: int, work: Path, progress: bool) -> dict:
     finished = (work / "info.json").exists()  # interrupted between merge and swap: only the swap is left
     if not finished:
         (work / "rows").mkdir(parents=True, exist_ok=True)
@@ -198,10 +264,6 @@ def generate(out: Path, p: FractalsParams, seed: int, progress: bool = True) -> 
     shutil.rmtree(work / "rows", ignore_errors=True)  # per-class parts, merged by _finish
     shutil.rmtree(work / "systems", ignore_errors=True)
     _swap_into_place(work, out)
-    for stale in root.iterdir():  # work dirs of other params: a finished run makes them moot
-        shutil.rmtree(stale, ignore_errors=True)
-    if not any(root.iterdir()):
-        root.rmdir()
     if progress:
         print(
             f"fractals: {info['num_images']} images in {time.perf_counter() - t0:.1f}s "
