@@ -175,3 +175,16 @@ def test_gallery_of_a_memory_mapped_split_keeps_it_out_of_memory(tmp_path):
     method, ratio = out.stdout.strip().splitlines()[-1].split()
     assert method == "vmhwm"
     assert float(ratio) < 0.4, f"gallery peak above start = {float(ratio):.2f}× the maps file"
+
+
+def test_read_rows_copies_exactly_the_asked_rows_of_a_memmap_and_of_an_array(tmp_path):
+    from vadbench.io import read_rows
+
+    data = np.arange(10 * 3 * 4, dtype=np.float32).reshape(10, 3, 4)
+    mm = np.lib.format.open_memmap(tmp_path / "a.npy", mode="w+", dtype=np.float32, shape=data.shape)
+    mm[:] = data
+    for source in (mm, data):
+        got = read_rows(source, [7, 0, 7, 9])
+        assert got.dtype == np.float32 and not isinstance(got, np.memmap)
+        np.testing.assert_array_equal(got, data[[7, 0, 7, 9]])
+    assert read_rows(mm, []).shape == (0, 3, 4)
