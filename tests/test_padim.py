@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +15,7 @@ from sklearn.metrics import roc_auc_score
 
 from vadbench.backbones import load_feature_extractor
 from vadbench.data.source import TensorSource
+from vadbench.metrics.cost import PeakMemory
 from vadbench.models import create_model, load_model
 from vadbench.models.padim import PaDiM, inverse_covariances, inverse_per_matrix
 
@@ -179,27 +178,13 @@ def test_inverse_covariances_equal_the_whole_tensor_formula_bitwise():
     assert got.dtype == torch.float32 and torch.equal(got, expected)
 
 
-PEAK_CHILD = """
-import sys, torch
-sys.path.insert(0, sys.argv[1])
-from test_padim import _moments
-from vadbench.metrics.cost import PeakMemory
-from vadbench.models.padim import inverse_covariances
-sum_outer, mean = _moments(2048, 96)
-with PeakMemory() as mem:
-    inverse_covariances(sum_outer, mean, 40, 0.01)
-print(mem.method, mem.peak_rss_delta_bytes / (sum_outer.numel() * 8))
-"""
-
-
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc peak-RSS reset")
 def test_inverse_covariances_peak_stays_below_the_moments_size():
     """Whole-tensor temporaries took ~2.5× Σxxᵀ on top of it (34 GB in all for the paper profile's d = 550 on a
     64×64 grid); chunks keep the extra to the float32 result (0.5×) plus a few chunks."""
-    out = subprocess.run(
-        [sys.executable, "-c", PEAK_CHILD, str(Path(__file__).parent)], capture_output=True, text=True, check=True
-    )
-    method, extra = out.stdout.strip().splitlines()[-1].split()
-    assert method == "vmhwm"  # the kernel's exact peak, not a sampled one
-    extra = float(extra)
+    sum_outer, mean = _moments(2048, 96)
+    with PeakMemory() as mem:
+        inverse_covariances(sum_outer, mean, 40, 0.01)
+    assert mem.method == "vmhwm"  # the kernel's exact peak, not a sampled one
+    extra = mem.peak_rss_delta_bytes / (sum_outer.numel() * 8)
     assert extra < 1.0, f"peak above start = {extra:.2f}× Σxxᵀ"

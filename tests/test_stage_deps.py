@@ -125,16 +125,16 @@ def _inert(init: Path) -> bool:
     return True
 
 
-def _stages() -> list[tuple[str, list[str]]]:
+def _stages() -> list:
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    return [(name, (spec.get("do") or spec).get("deps", [])) for name, spec in stages.items()]
+    return [pytest.param(name, (spec.get("do") or spec).get("deps", []), id=name) for name, spec in stages.items()]
 
 
 def _covered(path: str, deps: list[str]) -> bool:
     return any(path == d or path.startswith(d.rstrip("/") + "/") for d in deps)
 
 
-@pytest.mark.parametrize(("stage", "deps"), _stages(), ids=[name for name, _ in _stages()])
+@pytest.mark.parametrize(("stage", "deps"), _stages())
 def test_every_module_a_stage_runs_is_one_of_its_deps(stage, deps):
     scripts = [ROOT / d for d in deps if d.startswith("stages/")]
     assert scripts, f"dvc.yaml stage {stage!r} lists no stages/ script among its deps"
