@@ -292,6 +292,37 @@ def test_16bit_rgba_mixed_modes_and_sizes_are_normalised(tmp_path):
     assert info_g["channels"] == 1 and load_split(grey, "train").images.shape[1] == 1
 
 
+def _twelve_bit_folder(src: Path) -> Path:
+    """Every image 12-bit data in 16-bit PNGs (values 0..4095), as SEM and industrial cameras write them."""
+    for i, path in enumerate([*(src / "normal" / f"n{i}.png" for i in range(6)), src / "bad" / "b0.png"]):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        ramp = np.arange(40 * 40, dtype=np.uint16).reshape(40, 40) * 2 + i  # 0 .. 3,204
+        Image.fromarray(ramp).save(path)
+    return src
+
+
+def test_16bit_sources_of_12_bit_data_get_advice_and_a_bit_depth(tmp_path):
+    src = _twelve_bit_folder(tmp_path / "src")
+    spec = FolderParams(normal_dir=str(src / "normal"), abnormal_dir=str(src / "bad"), image_size=40)
+    _, info = run(spec, src, tmp_path)
+    assert info["bit_depth"] == 16 and "set bit_depth: 12" in info["mask_notes"][0]  # read as 16-bit: 15 levels
+    out, info = run(spec.model_copy(update={"bit_depth": 12}), src, tmp_path / "12")
+    assert info["bit_depth"] == 12 and not any("bit_depth" in n for n in info["mask_notes"])
+    row = next(r for r in read_manifest(out) if r.path.endswith("n0.png"))
+    with Image.open(src / "normal" / "n0.png") as im16, Image.open(out / row.path) as stored:
+        expected = np.asarray(im16).astype(np.int64) * 255 // 4095
+        assert np.array_equal(np.asarray(stored), expected)  # 40 px: no resize, the exact scaling
+    Image.fromarray(np.full((40, 40), 5000, np.uint16)).save(src / "normal" / "n5.png")
+    with pytest.raises(hygiene.BadImageError, match=r"n5\.png.*5000.*bit_depth 12.*set bit_depth to 13"):
+        run(spec.model_copy(update={"bit_depth": 12}), src, tmp_path / "bad")
+
+
+def test_16_bit_scaling_at_bit_depth_16_is_the_old_division_by_257():
+    values = np.arange(65536, dtype=np.uint16).reshape(256, 256)
+    im, peak = hygiene._to_8bit(Path("x.png"), Image.fromarray(values), 16)
+    assert peak == 65535 and np.array_equal(np.asarray(im), (values // 257).astype(np.uint8))
+
+
 def test_empty_category_rejected(tmp_path):
     src = tmp_path / "src"
     (src / "normal").mkdir(parents=True)

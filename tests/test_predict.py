@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 from pathlib import Path
@@ -128,10 +129,24 @@ def test_decode_matches_prepare(fitted_root, tmp_path, mode):
         CELL, fits=fitted_root / "data" / "fits", prepared=fitted_root / "data" / "prepared",
         backbones=fitted_root / "data" / "backbones", device="cpu",
     )  # fmt: skip
-    png, _, error, _ = hygiene.render((str(path), (), "half", True, 64, 10**8))  # what prepare writes
-    assert error is None
-    stored = np.array(Image.open(io.BytesIO(png)))[None]
+    rendered = hygiene.render((str(path), (), "half", True, 64, 10**8, fitted.bit_depth))  # what prepare writes
+    assert rendered.error is None
+    stored = np.array(Image.open(io.BytesIO(rendered.png)))[None]
     assert np.array_equal(decode_image(path, fitted), stored)
+
+
+def test_decode_uses_the_dataset_s_bit_depth(fitted_root, tmp_path):
+    fitted = load_fitted_cell(
+        CELL, fits=fitted_root / "data" / "fits", prepared=fitted_root / "data" / "prepared",
+        backbones=fitted_root / "data" / "backbones", device="cpu",
+    )  # fmt: skip
+    assert fitted.bit_depth == 16  # synthetic_sem's info.json has none: 16
+    path = tmp_path / "x12.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 4096, (90, 70), dtype=np.uint16)).save(path)
+    twelve = dataclasses.replace(fitted, bit_depth=12)
+    rendered = hygiene.render((str(path), (), "half", True, 64, 10**8, 12))
+    assert np.array_equal(decode_image(path, twelve), np.array(Image.open(io.BytesIO(rendered.png)))[None])
+    assert decode_image(path, twelve).mean() > 8 * decode_image(path, fitted).mean()  # 16 would crush it
 
 
 def test_bad_files_are_listed_and_the_rest_scored(fitted_root, tmp_path, capsys):

@@ -4,6 +4,7 @@ MVTec-style export of the same images for anomalib's `Folder` datamodule."""
 from __future__ import annotations
 
 import csv
+import fcntl
 import shutil
 from pathlib import Path
 from typing import Any
@@ -16,11 +17,20 @@ from vadbench.data.source import ImageSource
 
 def prepare(kind: str, out: Path, image_size: int, seed: int, folder: dict[str, str] | None = None) -> Path:
     """`kind`: synthetic_sem | elpv_mono | elpv_poly | folder → `out` (prepared by the library, as stage prepare)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # study seeds run as parallel processes: one prepares, the others wait and reuse (a second writer's
+    # atomic_dir would delete the first one's temp dir as a killed run's leftover)
+    with open(out.parent / f".{out.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (out / "manifest.csv").is_file():
+            _prepare(kind, out, image_size, seed, folder)
+    return out
+
+
+def _prepare(kind: str, out: Path, image_size: int, seed: int, folder: dict[str, str] | None) -> None:
     from vadbench.data import params as dp
     from vadbench.data.prepare import prepare_dataset
 
-    if (out / "manifest.csv").is_file():
-        return out
     if kind == "synthetic_sem":
         spec: Any = dp.SyntheticSemParams(image_size=image_size)
     elif kind in ("elpv_mono", "elpv_poly"):
@@ -32,7 +42,6 @@ def prepare(kind: str, out: Path, image_size: int, seed: int, folder: dict[str, 
     else:
         raise ValueError(f"unknown dataset {kind!r}: synthetic_sem | elpv_mono | elpv_poly | folder")
     prepare_dataset(kind, spec, out_dir=out, seed=seed, preview_png=None, progress=False, workers=1)
-    return out
 
 
 def limit_train(prepared: Path, out: Path, max_train: int) -> Path:

@@ -57,6 +57,7 @@ class FittedCell:
     image_size: int
     center_crop: int | None
     max_pixels: int
+    bit_depth: int  # significant bits of 16-bit sources, as the dataset was prepared with
     threshold: float | None
     threshold_source: str
     map_range: tuple[float, float] | None  # overlay colour scale from the validation normals' maps
@@ -156,7 +157,18 @@ def load_fitted_cell(
         )
     if not model.has_pixel_maps:
         map_range = None
-    return FittedCell(cell, seed, model, dev, channels, size, crop, max_pixels, threshold, source, map_range)
+    return FittedCell(
+        cell, seed, model, dev, channels, size, crop, max_pixels, _bit_depth(root), threshold, source, map_range
+    )
+
+
+def _bit_depth(root: Path) -> int:
+    """The prepared dataset's ``bit_depth`` (info.json; 16 when absent: datasets prepared before it existed)."""
+    info = root / "info.json"
+    value = json.loads(info.read_text()).get("bit_depth", 16) if info.is_file() else 16
+    if not isinstance(value, int) or not 9 <= value <= 16:
+        raise ValueError(f"{info}: bit_depth must be an integer 9..16, got {value!r}")
+    return value
 
 
 def _recorded_threshold(metrics: Path | None, seed: int) -> float | None:
@@ -171,7 +183,9 @@ def decode_image(path: Path, fitted: FittedCell) -> np.ndarray:
     """A file → uint8 (C, H, W) exactly as `prepare` stores it and `ImageSource` reads it (hygiene.BadImageError
     for an unreadable, oversized or float image)."""
     with hygiene.pixel_limit(fitted.max_pixels):
-        im, _ = hygiene.load_image(Path(path), max_pixels=fitted.max_pixels, draft_size=fitted.image_size)
+        im, _ = hygiene.load_image(
+            Path(path), max_pixels=fitted.max_pixels, draft_size=fitted.image_size, bit_depth=fitted.bit_depth
+        )
     im = hygiene.resize_image(im.convert("L" if fitted.channels == 1 else "RGB"), fitted.image_size)
     arr = np.array(im, dtype=np.uint8)
     arr = arr[None] if fitted.channels == 1 else arr.transpose(2, 0, 1)

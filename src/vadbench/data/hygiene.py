@@ -3,8 +3,10 @@
 Policy (docs/DATASETS.md):
 - the pixel count is read from the header and checked against `max_pixels` BEFORE decoding;
 - unreadable, truncated or corrupt files raise BadImageError naming the file;
-- 16-bit (I;16*, I) images are scaled to 8 bits by a fixed /257 (not stretched per image, so
-  intensities stay comparable between images); float (F) images are rejected;
+- 16-bit (I;16*, I) images are scaled to 8 bits by a fixed 255 / (2**bit_depth − 1), floored (not stretched
+  per image, so intensities stay comparable between images); bit_depth is the dataset's (16: /257; 12 for
+  12-bit camera or SEM data stored in 16-bit files); a value above 2**bit_depth − 1 is an error naming the
+  file; float (F) images are rejected;
 - alpha is dropped (LA → L, RGBA/P → RGB): anomaly datasets do not use transparency;
 - masks must have their image's size; they are binarised at half range (>= 128 of 255, or
   >= 32768 of 65535), or at > 0 for datasets whose masks hold class indices (VisA, MVTec LOCO);
@@ -18,6 +20,7 @@ import io
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from PIL import Image
@@ -69,35 +72,60 @@ def header(path: Path, data: bytes | None, max_pixels: int) -> tuple[tuple[int, 
         return im.size, im.mode
 
 
-def _to_8bit(path: Path, im: Image.Image) -> Image.Image:
+def _to_8bit(path: Path, im: Image.Image, bit_depth: int) -> tuple[Image.Image, int | None]:
+    """(8-bit image, the brightest source value when the source is 16-bit, else None)."""
     mode = im.mode
     if mode in SIXTEEN_BIT:
         arr = np.asarray(im, dtype=np.int64)
-        if arr.max(initial=0) > 65535 or arr.min(initial=0) < 0:
+        top, peak = 2**bit_depth - 1, int(arr.max(initial=0))
+        if arr.min(initial=0) < 0 or peak > 65535:
             raise BadImageError(f"{path}: mode {mode} values outside 0..65535; expected 8- or 16-bit data")
-        return Image.fromarray((arr // 257).astype(np.uint8), "L")
+        if peak > top:
+            raise BadImageError(
+                f"{path}: value {peak} exceeds the dataset's bit_depth {bit_depth} (at most {top}); "
+                f"set bit_depth to {max(peak.bit_length(), 9)} or more"
+            )
+        # floor(v · 255 / top): exactly v // 257 at 16 bits
+        return Image.fromarray((arr * 255 // top).astype(np.uint8), "L"), peak
     if mode == "F":
         raise BadImageError(f"{path}: floating-point image (mode F); convert it to 8- or 16-bit first")
     if mode in ("1", "L", "LA"):
-        return im.convert("L")
-    return im.convert("RGB")  # RGB, RGBA (alpha dropped), P, CMYK, YCbCr, ...
+        return im.convert("L"), None
+    return im.convert("RGB"), None  # RGB, RGBA (alpha dropped), P, CMYK, YCbCr, ...
 
 
 def load_image(
-    path: Path, *, max_pixels: int, draft_size: int | None = None, data: bytes | None = None
+    path: Path,
+    *,
+    max_pixels: int,
+    draft_size: int | None = None,
+    data: bytes | None = None,
+    bit_depth: int = 16,
 ) -> tuple[Image.Image, tuple[int, int]]:
     """Decode `path` fully into an 8-bit 'L' or 'RGB' image; BadImageError if truncated/corrupt.
 
     Returns (image, the file's own (w, h)). `draft_size`: let the JPEG decoder downscale by a power
     of two while staying >= that size (same pixels every run, much faster for large JPEGs like VisA's).
+    `bit_depth`: significant bits of 16-bit sources (module docstring).
     """
+    im, source_size, _ = load_image_peak(
+        path, max_pixels=max_pixels, draft_size=draft_size, data=data, bit_depth=bit_depth
+    )
+    return im, source_size
+
+
+def load_image_peak(
+    path: Path, *, max_pixels: int, draft_size: int | None = None, data: bytes | None = None, bit_depth: int = 16
+) -> tuple[Image.Image, tuple[int, int], int | None]:
+    """`load_image`, plus the brightest source value of a 16-bit file (None for other files)."""
     with _open(path, data, max_pixels) as im:
         source_size = im.size
         try:
             if draft_size and im.format == "JPEG":
                 im.draft(im.mode, (draft_size, draft_size))
             im.load()
-            return _to_8bit(path, im), source_size
+            out, peak = _to_8bit(path, im, bit_depth)
+            return out, source_size, peak
         except BadImageError:
             raise
         except Exception as err:  # noqa: BLE001
@@ -161,18 +189,29 @@ def _png(im: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-RenderJob = tuple[str, tuple[str, ...], str, bool, int, int]  # path, masks, mask_mode, grey, size, max_pixels
+RenderJob = tuple[str, tuple[str, ...], str, bool, int, int, int]
+"""path, masks, mask_mode, grey, size, max_pixels, bit_depth"""
 
 
-def render(job: RenderJob) -> tuple[bytes | None, bytes | None, str | None, list[str]]:
-    """One source → (image PNG, mask PNG or None, None, notes) or (None, None, error, notes). Runs in workers.
+class Rendered(NamedTuple):
+    """What `render` makes of one source: the PNGs to store, or the error that rejects it."""
 
-    `notes`: conversions worth telling the user (0/1 masks read at > 0; an empty mask of a defect image)."""
-    path, masks, mask_mode, grey, size, max_pixels = job
+    png: bytes | None
+    mask_png: bytes | None
+    error: str | None
+    notes: list[str]  # conversions worth telling the user (0/1 masks read at > 0; an empty defect mask)
+    peak16: int | None  # the brightest source value of a 16-bit file (bit_depth advice), else None
+
+
+def render(job: RenderJob) -> Rendered:
+    """One source → its stored image (and mask) PNGs, or the error that rejects it. Runs in workers."""
+    path, masks, mask_mode, grey, size, max_pixels, bit_depth = job
     notes: list[str] = []
     try:
         with pixel_limit(max_pixels):
-            im, source_size = load_image(Path(path), max_pixels=max_pixels, draft_size=size)
+            im, source_size, peak = load_image_peak(
+                Path(path), max_pixels=max_pixels, draft_size=size, bit_depth=bit_depth
+            )
             mask_paths = tuple(map(Path, masks))
             mask = (
                 load_mask(mask_paths, source_size, Path(path), mode=mask_mode, max_pixels=max_pixels, notes=notes)
@@ -180,8 +219,8 @@ def render(job: RenderJob) -> tuple[bytes | None, bytes | None, str | None, list
                 else None
             )
     except BadImageError as err:
-        return None, None, str(err), notes
+        return Rendered(None, None, str(err), notes, None)
     if mask is not None and not mask.any():
         notes.append(f"{path}: its mask {', '.join(masks)} is empty: no defect pixel for an anomalous image")
     im = resize_image(im.convert("L" if grey else "RGB"), size)
-    return _png(im), (_png(resize_mask(mask, size)) if mask is not None else None), None, notes
+    return Rendered(_png(im), (_png(resize_mask(mask, size)) if mask is not None else None), None, notes, peak)

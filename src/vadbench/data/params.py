@@ -98,6 +98,13 @@ class RealDatasetParams(InputPolicy):
     archive: str | None = Field(None, description="override the archive file name under data/raw")
     on_bad_image: Literal["error", "skip"] = Field("error", description="corrupt/oversized files: stop or skip+report")
     max_pixels: int = Field(100_000_000, ge=1, description="reject larger images from their header, before decoding")
+    bit_depth: int = Field(
+        16,
+        ge=9,
+        le=16,
+        description="significant bits of 16-bit sources (12 for 12-bit camera/SEM data in 16-bit files): "
+        "stored as floor(v · 255 / (2**bit_depth − 1)); 8-bit sources are unaffected",
+    )
     max_extract_bytes: int = Field(32 * 2**30, ge=1, description="cap on the total size an archive may extract to")
     connect_timeout: float = Field(10.0, gt=0, le=120)
     check_counts: bool = Field(True, description="compare source counts with the registry's published counts")

@@ -194,6 +194,7 @@ def prepare_real(
                 duplicates=report.as_dict(),
                 seed=seed,
                 val_fraction=spec.val_fraction,
+                bit_depth=spec.bit_depth,  # predict decodes new files of 16-bit sources the same way
                 mask_notes=mask_notes,
             )
             write_json(tmp / INFO, info)
@@ -229,9 +230,7 @@ def _out_name(used: set[str], folder: str, stem: str, suffix: str = ".png") -> s
     return rel
 
 
-def _render_all(
-    jobs: list[hygiene.RenderJob], workers: int
-) -> Iterator[tuple[bytes | None, bytes | None, str | None, list[str]]]:
+def _render_all(jobs: list[hygiene.RenderJob], workers: int) -> Iterator[hygiene.Rendered]:
     """hygiene.render over `jobs`, in order; `workers` > 1 uses spawned processes (decode + resize +
     PNG encode dominate, and each worker imports only PIL/numpy, not torch)."""
     if workers <= 1 or len(jobs) < 64:
@@ -253,12 +252,18 @@ def _write_images(
     notes: list[str],
 ) -> list[ManifestRow]:
     size, rows, used = spec.image_size, [], set()
-    jobs = [(str(s.path), tuple(map(str, s.masks)), s.mask_mode, grey, size, spec.max_pixels) for s in planned]
+    jobs = [
+        (str(s.path), tuple(map(str, s.masks)), s.mask_mode, grey, size, spec.max_pixels, spec.bit_depth)
+        for s in planned
+    ]
     results = _render_all(jobs, workers)
-    for s, (png, mask_png, error, found) in tqdm(
+    peak16: int | None = None
+    for s, (png, mask_png, error, found, peak) in tqdm(
         zip(planned, results), total=len(planned), desc=f"{name}: write", unit="img", disable=not progress
     ):
         notes.extend(found)
+        if peak is not None:
+            peak16 = max(peak, peak16 or 0)
         if error is not None:
             _bad(spec, skipped, s, hygiene.BadImageError(error))
             continue
@@ -270,7 +275,23 @@ def _write_images(
             _write_bytes(tmp / mask_rel, mask_png)
         # hash the bytes we wrote: write_manifest need not read every file back
         rows.append(ManifestRow(rel, s.split, s.label, s.defect_type, mask_rel, hashlib.sha256(png).hexdigest()))
+    advice = bit_depth_advice(peak16, spec.bit_depth)
+    if advice:
+        notes.insert(0, advice)
     return rows
+
+
+def bit_depth_advice(peak16: int | None, bit_depth: int) -> str | None:
+    """A note when the 16-bit sources use so little of `bit_depth`'s range that the stored 8-bit images keep
+    at most 32 grey levels: 12-bit data in 16-bit files read as 16-bit would keep 16."""
+    top = 2**bit_depth - 1
+    if peak16 is None or peak16 * 255 // top >= 32:
+        return None
+    fits = max(peak16.bit_length(), 9)
+    return (
+        f"16-bit sources: the brightest value is {peak16} of {top} (bit_depth {bit_depth}), so the stored images "
+        f"keep {peak16 * 255 // top + 1} grey levels; if the files hold {fits}-bit data, set bit_depth: {fits}"
+    )
 
 
 def _write_bytes(path: Path, data: bytes | None) -> None:
