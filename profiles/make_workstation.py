@@ -2,7 +2,7 @@
 
     python profiles/make_workstation.py     # writes profiles/workstation.yaml; `make profile-workstation` switches
 
-The default profile pretrains for ~1.5 min; this one may spend up to an hour of 2 CPU cores (minutes on a GPU)
+The default profile pretrains for ~3 min (36 epochs); this one may spend up to an hour of 2 CPU cores (minutes on a GPU)
 on fractal generation + pretraining, with the recipe the study in docs/PRETRAINING.md found to transfer best to
 real surfaces (today ~6.5 min on idle cores), and benchmarks PatchCore and PaDiM (layer2+3, 256 px, as the study) on ELPV mono
 and poly (`pip install -e '.[elpv]'`) and `synthetic_sem` against random init. A test keeps it in step with
@@ -22,8 +22,8 @@ HEADER = """\
 # `pip install -e '.[elpv]'`) and synthetic_sem, fractal vs random init, three fit seeds.
 """
 # the study's best recipe so far (docs/PRETRAINING.md; benchmarks/pretrain_study.yaml `workstation`): the default's
-# strong augmentation with SimCLR's crop range and 6× the epochs, ~6.5 min on 2 idle cores. Over 3 seeds it beat the
-# 36-epoch recipe on all four ELPV cells; the bigger recipes measured (128-px renders, colour, plasma backgrounds,
+# 36-epoch recipe with 2× the epochs, ~6.5 min on 2 idle cores. Over 3 seeds it beat 36 epochs on all four ELPV
+# cells, at 256 and at 128 px; the bigger recipes measured (128-px renders, colour, plasma backgrounds,
 # multi-fractals, SimCLR, OFDB-style single instances) transferred no better, so the hour's cap is not used.
 FRACTALS: dict = {}
 PRETRAIN = dict(augment="strong", crop_scale=[0.08, 1.0], epochs=72, milestones=[54])
