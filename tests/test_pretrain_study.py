@@ -1,12 +1,14 @@
 """benchmarks/pretrain_study.py: every variant of the committed study file validates against the params schema."""
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
 import pytest
 
 from vadbench.config import load_params
+from vadbench.pretrain.params import PretrainParams
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,13 +26,18 @@ def test_committed_variants_validate_and_differ():
     base = load_params(ROOT / "params.yaml")
     variants, models = study.load_variants(ROOT / "benchmarks" / "pretrain_study.yaml", base)
     assert "default" in variants and models
+
     # `base:` pins the pre-study recipe: `default` stays what was measured although params.yaml moved on to
-    # strong augmentation, which is the `strong_aug` row; `workstation` is profiles/workstation.yaml's recipe
+    # strong augmentation (the `strong_aug` row) and then to 36 epochs with wider crops (`workstation_e36`);
+    # `workstation` is profiles/workstation.yaml's recipe
+    def pinned(**kw):
+        old = dict(augment="basic", epochs=12, milestones=[9], crop_scale=[0.25, 1.0])
+        return PretrainParams.model_validate_json(json.dumps({**base.pretrain.model_dump(mode="json"), **old, **kw}))
+
     default, strong = variants["default"], variants["strong_aug"]
-    assert default["fractals"] == base.fractals and default["pretrain"] == base.pretrain.model_copy(
-        update={"augment": "basic"}
-    )
-    assert strong["fractals"] == base.fractals and strong["pretrain"] == base.pretrain
+    assert default["fractals"] == base.fractals and default["pretrain"] == pinned()
+    assert strong["fractals"] == base.fractals and strong["pretrain"] == pinned(augment="strong")
+    assert variants["workstation_e36"]["pretrain"] == base.pretrain  # params.yaml's recipe since 2026-12-07
     workstation = load_params(ROOT / "profiles" / "workstation.yaml")
     assert variants["workstation"]["fractals"] == workstation.fractals
     assert variants["workstation"]["pretrain"] == workstation.pretrain
