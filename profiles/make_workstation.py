@@ -2,7 +2,7 @@
 
     python profiles/make_workstation.py     # writes profiles/workstation.yaml; `make profile-workstation` switches
 
-The default profile pretrains for ~3 min (36 epochs); this one may spend up to an hour of 2 CPU cores (minutes on a GPU)
+The default profile pretrains for ~2 min (36 epochs); this one may spend up to an hour of 2 CPU cores (minutes on a GPU)
 on fractal generation + pretraining, with the recipe the study in docs/PRETRAINING.md found to transfer best to
 real surfaces (today ~6.5 min on idle cores), and benchmarks PatchCore and PaDiM (layer2+3, 256 px, as the study) on ELPV mono
 and poly (`pip install -e '.[elpv]'`) and `synthetic_sem` against random init. A test keeps it in step with
