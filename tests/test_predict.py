@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from vadbench import predict as predict_module
 from vadbench.cell import CellInputs, ScoreSettings, fit_cell, score_cell
 from vadbench.cli import main
 from vadbench.data import hygiene
@@ -147,6 +148,13 @@ def test_decode_uses_the_dataset_s_bit_depth(fitted_root, tmp_path):
     rendered = hygiene.render((str(path), (), "half", True, 64, 10**8, 12))
     assert np.array_equal(decode_image(path, twelve), np.array(Image.open(io.BytesIO(rendered.png)))[None])
     assert decode_image(path, twelve).mean() > 8 * decode_image(path, fitted).mean()  # 16 would crush it
+    prepared = tmp_path / "prepared"  # what prepare_real records for a dataset with bit_depth: 12
+    prepared.mkdir()
+    (prepared / "info.json").write_text(json.dumps({"bit_depth": 12}))
+    assert predict_module._bit_depth(prepared) == 12
+    (prepared / "info.json").write_text(json.dumps({"bit_depth": 20}))
+    with pytest.raises(ValueError, match="bit_depth must be an integer 9..16"):
+        predict_module._bit_depth(prepared)
 
 
 def test_bad_files_are_listed_and_the_rest_scored(fitted_root, tmp_path, capsys):
