@@ -141,7 +141,7 @@ class CFA(AnomalyModel):
         radius: float = Field(1e-5, ge=0, le=100, description="initial hypersphere radius r (official: 1e-5)")
         learn_radius: bool = Field(True, description="train r with the descriptor (official code: yes)")
         kmeans_iters: int = Field(300, ge=1, le=10_000, description="Lloyd steps when gamma_c > 1 (official: 3000)")
-        epochs: int = Field(10, ge=1, le=10_000, description="maximum epochs (paper: 30)")
+        epochs: int = Field(20, ge=1, le=10_000, description="maximum epochs (paper: 30)")
         batch_size: int = Field(4, ge=1, description="paper: 4")
         lr: float = Field(1e-3, gt=0, le=1, description="AdamW learning rate (paper: 1e-3)")
         weight_decay: float = Field(5e-4, ge=0, le=1, description="AdamW decoupled weight decay (paper: 5e-4)")
