@@ -14,6 +14,7 @@ reporting the median of `--repeats` calls; the table gives the median and range 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from pathlib import Path
@@ -35,15 +36,28 @@ def build(name: str, size: int):
 
 
 def median_ms(model, image: torch.Tensor, warmup: int, repeats: int) -> float:
+    sync = torch.cuda.synchronize if image.is_cuda else (lambda: None)
     with torch.no_grad():
         for _ in range(warmup):
             model.predict(image)
         times = []
         for _ in range(repeats):
+            sync()
             start = time.perf_counter()
             model.predict(image)
+            sync()
             times.append(time.perf_counter() - start)
     return 1000 * statistics.median(times)
+
+
+def cpu_name() -> str:
+    """The CPU model and whether it has AVX-512 (timings differ by kind; /proc/cpuinfo, Linux only)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown CPU"
+    model = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "?")
+    return f"{model} ({'with' if ' avx512f' in info else 'without'} AVX-512, {os.cpu_count()} logical cores)"
 
 
 def main() -> None:
@@ -58,21 +72,26 @@ def main() -> None:
     if args.quick:
         args.rounds, args.repeats, args.warmup = 1, 5, 2
     torch.set_num_threads(args.threads)
-    image = torch.rand(1, 3, args.size, args.size, generator=torch.Generator().manual_seed(0))
+    cpu_image = torch.rand(1, 3, args.size, args.size, generator=torch.Generator().manual_seed(0))
     names = ["efficientad_s", "efficientad_m"]
     models = {n: build(n, args.size) for n in names}
-    rounds: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(args.rounds):
-        for n in names:
-            rounds[n].append(median_ms(models[n], image, args.warmup, args.repeats))
-            print(f"round {r}: {n} {rounds[n][-1]:.1f} ms")
-    params = {
-        n: sum(p.numel() for k, p in models[n].state_dict().items() if not k.startswith("backbone.")) for n in names
-    }
-    rows = [
-        f"| {n} | {statistics.median(v):.1f} | {min(v):.1f}–{max(v):.1f} | {params[n] / 1e6:.1f} |"
-        for n, v in rounds.items()
-    ]
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])  # the GPU whenever there is one
+    load_before = os.getloadavg()[0]
+    rows = []
+    for device in devices:
+        image = cpu_image.to(device)
+        rounds: dict[str, list[float]] = {n: [] for n in names}
+        for r in range(args.rounds):
+            for n in names:
+                rounds[n].append(median_ms(models[n].to(device), image, args.warmup, args.repeats))
+                print(f"round {r}: {n} on {device} {rounds[n][-1]:.1f} ms")
+        where = cpu_name() if device == "cpu" else torch.cuda.get_device_name()
+        for n, v in rounds.items():
+            learned = sum(p.numel() for k, p in models[n].state_dict().items() if not k.startswith("backbone."))
+            rows.append(
+                f"| {n} | {where} | {statistics.median(v):.1f} | {min(v):.1f}–{max(v):.1f} | {learned / 1e6:.1f} |"
+            )
+    load_after = os.getloadavg()[0]
     text = "\n".join(
         [
             "# EfficientAD latency (CPU, batch 1)",
@@ -80,11 +99,13 @@ def main() -> None:
             f"`benchmarks/bench_efficientad_latency.py`: `model.predict` on one 3×{args.size}×{args.size} image, "
             f"{args.threads} torch threads, {args.warmup} warm-up calls, median of {args.repeats} calls per round, "
             f"{args.rounds} rounds alternating the sizes (median and range of the round medians). fp32, "
-            f"torch {torch.__version__}. Machine: the shared 2-core CPU (no GPU) the project runs on; other jobs ran "
-            "at the same time, so these are upper bounds.",
+            f"torch {torch.__version__}, {args.threads} CPU threads; a GPU row appears whenever CUDA is present "
+            f"({'CUDA present' if torch.cuda.is_available() else 'no CUDA device in this run'}). 1-minute load average "
+            f"{load_before:.2f} before the run, {load_after:.2f} after it (its own threads included; well above 0 "
+            "before it, other work shared the cores and the times are upper bounds).",
             "",
-            "| model | latency ms (median) | range over rounds | learned parameters (M) |",
-            "|---|---|---|---|",
+            "| model | device | latency ms (median) | range over rounds | learned parameters (M) |",
+            "|---|---|---|---|---|",
             *rows,
             "",
             "The paper reports 2.2 ms (S) and 4.5 ms (M) on an NVIDIA RTX A6000 GPU (fp16): the PDNs are",
