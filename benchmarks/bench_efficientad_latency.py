@@ -1,4 +1,4 @@
-"""EfficientAD-S / -M inference latency per image at 256 px on this CPU (batch 1).
+"""EfficientAD-S / -M inference latency per image at 256 px on this CPU, and its GPU when it has one (batch 1).
 
     .venv/bin/python benchmarks/bench_efficientad_latency.py            # → benchmarks/results/efficientad_latency.md
     .venv/bin/python benchmarks/bench_efficientad_latency.py --quick    # fewer repeats, prints only
@@ -94,12 +94,12 @@ def main() -> None:
     load_after = os.getloadavg()[0]
     text = "\n".join(
         [
-            "# EfficientAD latency (CPU, batch 1)",
+            "# EfficientAD latency (batch 1)",
             "",
             f"`benchmarks/bench_efficientad_latency.py`: `model.predict` on one 3×{args.size}×{args.size} image, "
             f"{args.threads} torch threads, {args.warmup} warm-up calls, median of {args.repeats} calls per round, "
             f"{args.rounds} rounds alternating the sizes (median and range of the round medians). fp32, "
-            f"torch {torch.__version__}, {args.threads} CPU threads; a GPU row appears whenever CUDA is present "
+            f"torch {torch.__version__}; a GPU row appears whenever CUDA is present "
             f"({'CUDA present' if torch.cuda.is_available() else 'no CUDA device in this run'}). 1-minute load average "
             f"{load_before:.2f} before the run, {load_after:.2f} after it (its own threads included; well above 0 "
             "before it, other work shared the cores and the times are upper bounds).",
