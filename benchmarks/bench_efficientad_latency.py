@@ -51,13 +51,13 @@ def median_ms(model, image: torch.Tensor, warmup: int, repeats: int) -> float:
 
 
 def cpu_name() -> str:
-    """The CPU model and whether it has AVX-512 (timings differ by kind; /proc/cpuinfo, Linux only)."""
+    """The CPU model and torch's kernel capability (AVX2 / AVX512: the machine kind of scripts/verify.py)."""
     try:
         info = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return "unknown CPU"
+        info = ""
     model = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "?")
-    return f"{model} ({'with' if ' avx512f' in info else 'without'} AVX-512, {os.cpu_count()} logical cores)"
+    return f"{model} ({torch.backends.cpu.get_cpu_capability()}, {os.cpu_count()} logical cores)"
 
 
 def main() -> None:
