@@ -52,12 +52,9 @@ def median_ms(model, image: torch.Tensor, warmup: int, repeats: int) -> float:
 
 def cpu_name() -> str:
     """The CPU model and torch's kernel capability (AVX2 / AVX512: the machine kind of scripts/verify.py)."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        info = ""
-    model = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if ln.startswith("model name")), "?")
-    return f"{model} ({torch.backends.cpu.get_cpu_capability()}, {os.cpu_count()} logical cores)"
+    from vadbench.metrics.cost import cpu_model
+
+    return f"{cpu_model()} ({torch.backends.cpu.get_cpu_capability()}, {os.cpu_count()} logical cores)"
 
 
 def main() -> None:
