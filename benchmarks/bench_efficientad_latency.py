@@ -52,7 +52,7 @@ def median_ms(model, image: torch.Tensor, warmup: int, repeats: int) -> float:
 
 def cpu_name() -> str:
     """The CPU model and torch's kernel capability (AVX2 / AVX512: the machine kind of scripts/verify.py)."""
-    from vadbench.metrics.cost import cpu_model
+    from vadbench.machine import cpu_model
 
     return f"{cpu_model()} ({torch.backends.cpu.get_cpu_capability()}, {os.cpu_count()} logical cores)"
 

@@ -136,7 +136,7 @@ def _load(value: float | None) -> str:
 
 def report(project: Path, profile: str | None, log: list[dict], n_stages: int | None, finished: bool) -> str:
     """The results page from the run log (every invocation's stage times; the last time of a stage counts)."""
-    from vadbench.metrics.cost import cpu_model
+    from vadbench.machine import cpu_model
 
     runs = [r for r in log if r["kind"] == "run"]
     times: dict[str, float] = {}

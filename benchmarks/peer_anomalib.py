@@ -112,7 +112,7 @@ def distill_params() -> dict[str, Any]:
 
 
 def machine() -> str:
-    from vadbench.metrics.cost import cpu_model
+    from vadbench.machine import cpu_model
 
     mem = next(int(ln.split()[1]) for ln in open("/proc/meminfo") if ln.startswith("MemTotal")) / 2**20
     return f"{cpu_model()}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, {platform.system()} {platform.release()}"

@@ -81,12 +81,18 @@ def copy_tracked(dst: Path, params: Path) -> None:
 
 
 def machine_kind() -> str:
-    """CPU architecture, torch's CPU kernel capability and torch version, e.g. x86_64-AVX2-torch2.14.1_cu130."""
+    """CPU architecture, vendor, torch's CPU kernel capability and torch version, e.g.
+    x86_64-AMD-AVX2-torch2.14.1_cu130. The vendor counts: an Intel Xeon and an AMD EPYC, both AVX-512,
+    pretrained different fractal-backbone bytes from the same params (2026-12-07)."""
     import platform
 
     import torch
 
-    return f"{platform.machine()}-{torch.backends.cpu.get_cpu_capability()}-torch{torch.__version__}".replace("+", "_")
+    from vadbench.machine import cpu_vendor
+
+    capability = torch.backends.cpu.get_cpu_capability()
+    kind = f"{platform.machine()}-{cpu_vendor()}-{capability}-torch{torch.__version__}"
+    return kind.replace("+", "_").replace(" ", "_")
 
 
 def compare_locks(recorded: str, current: str) -> tuple[list[str], list[str]]:

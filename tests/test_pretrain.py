@@ -189,7 +189,7 @@ def test_interrupted_run_resumes_to_identical_weights(tmp_path, one_thread):
 # existed, by running exactly that in a script (/tmp/pre/baseline.py at the time). Float kernels differ between
 # CPU kinds (scripts/verify.py machine_kind), so the value is recorded per kind; other kinds skip this part.
 DEFAULT_RECIPE_WEIGHTS_SHA256 = {
-    "x86_64-AVX2-torch2.14.1_cu130": "79c7a63d22926aae9ce0a66f51073ba4f9f66208fc9792fe10ba52991c9249ef",
+    "x86_64-AMD-AVX2-torch2.14.1_cu130": "79c7a63d22926aae9ce0a66f51073ba4f9f66208fc9792fe10ba52991c9249ef",
 }
 # sha256 over the float32 bytes of every training crop of epochs 0 and 1 of the same data (input 32, crop 28,
 # hflip, seed 0), same commit: integer crops and an exact /255, so the same on every machine

@@ -43,6 +43,22 @@ def test_added_and_removed_stages_are_listed():
     assert problems == [] and stale == ["new (only in the current lock)", "old (only in the recorded lock)"]
 
 
-def test_machine_kind_names_the_cpu_capability_and_torch():
+def test_machine_kind_names_the_cpu_vendor_capability_and_torch():
+    import platform
+
+    import torch
+
+    from vadbench.machine import cpu_vendor
+
     kind = verify.machine_kind()
-    assert "-torch" in kind and "+" not in kind and "/" not in kind
+    assert kind.startswith(f"{platform.machine()}-{cpu_vendor()}-{torch.backends.cpu.get_cpu_capability()}-torch")
+    assert "+" not in kind and "/" not in kind and " " not in kind
+
+
+def test_committed_locks_are_named_by_machine_kind():
+    # every committed lock must be reachable: named <arch>-<vendor>-<capability>-torch<version>.lock
+    locks = sorted((ROOT / "profiles" / "verify-locks").glob("*.lock"))
+    assert locks
+    for lock in locks:
+        arch, vendor, capability, torch_part = lock.stem.split("-", 3)
+        assert arch and vendor and capability.isupper() and torch_part.startswith("torch"), lock.name

@@ -188,17 +188,6 @@ def dir_size_bytes(path: Path | str) -> int:
     return sum(q.stat().st_size for q in p.rglob("*") if q.is_file() and not q.is_symlink())
 
 
-def cpu_model() -> str:
-    """The CPU's model name (/proc/cpuinfo on Linux), else what `platform` reports; for benchmark reports."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def device_info(device: torch.device | str = "cpu") -> dict[str, Any]:
     """What a cost was measured on: device string and name, CPU threads, and GPU memory when CUDA."""
     import torch
