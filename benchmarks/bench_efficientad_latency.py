@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -36,18 +35,11 @@ def build(name: str, size: int):
 
 
 def median_ms(model, image: torch.Tensor, warmup: int, repeats: int) -> float:
-    sync = torch.cuda.synchronize if image.is_cuda else (lambda: None)
-    with torch.no_grad():
-        for _ in range(warmup):
-            model.predict(image)
-        times = []
-        for _ in range(repeats):
-            sync()
-            start = time.perf_counter()
-            model.predict(image)
-            sync()
-            times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
+    """Batch-1 latency of `model.predict` as the score stage measures it (`cost.measure_latency`): predict returns
+    CPU tensors, so a CUDA call is finished when it returns."""
+    from vadbench.metrics.cost import measure_latency
+
+    return measure_latency(model.predict, image, warmup=warmup, repeats=repeats, batch_size=1)["latency_ms_median"]
 
 
 def cpu_name() -> str:
@@ -84,7 +76,7 @@ def main() -> None:
                 print(f"round {r}: {n} on {device} {rounds[n][-1]:.1f} ms")
         where = cpu_name() if device == "cpu" else torch.cuda.get_device_name()
         for n, v in rounds.items():
-            learned = sum(p.numel() for k, p in models[n].state_dict().items() if not k.startswith("backbone."))
+            learned = sum(t.numel() for t in models[n].learned_state().values())
             rows.append(
                 f"| {n} | {where} | {statistics.median(v):.1f} | {min(v):.1f}–{max(v):.1f} | {learned / 1e6:.1f} |"
             )
@@ -113,7 +105,10 @@ def main() -> None:
     )
     print(text)
     if not args.quick:
-        (ROOT / "benchmarks" / "results" / "efficientad_latency.md").write_text(text)
+        from vadbench.io import atomic_file
+
+        with atomic_file(ROOT / "benchmarks" / "results" / "efficientad_latency.md", "w") as fh:
+            fh.write(text)
 
 
 if __name__ == "__main__":
