@@ -190,6 +190,8 @@ def test_interrupted_run_resumes_to_identical_weights(tmp_path, one_thread):
 # CPU kinds (scripts/verify.py machine_kind), so the value is recorded per kind; other kinds skip this part.
 DEFAULT_RECIPE_WEIGHTS_SHA256 = {
     "x86_64-AMD-AVX2-torch2.14.1_cu130": "79c7a63d22926aae9ce0a66f51073ba4f9f66208fc9792fe10ba52991c9249ef",
+    # 2026-12-07, a 2-core Intel Xeon: the same run with baf76a5's code (a worktree) and with main's gave this
+    "x86_64-Intel-AVX512-torch2.14.1_cu130": "dabd20ae984b42796bd371e0b7f77a5808c754b7ac13ced3849eb07cc6420822",
 }
 # sha256 over the float32 bytes of every training crop of epochs 0 and 1 of the same data (input 32, crop 28,
 # hflip, seed 0), same commit: integer crops and an exact /255, so the same on every machine
