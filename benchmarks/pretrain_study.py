@@ -54,7 +54,7 @@ from vadbench.fractals import generate  # noqa: E402
 from vadbench.fractals.build import params_hash  # noqa: E402
 from vadbench.fractals.params import FractalsParams  # noqa: E402
 from vadbench.io import write_json, write_text  # noqa: E402
-from vadbench.machine import cpu_model  # noqa: E402
+from vadbench.machine import cpu_model, machine_kind  # noqa: E402
 from vadbench.metrics.image import image_metrics  # noqa: E402
 from vadbench.metrics.pixel import pixel_metrics  # noqa: E402
 from vadbench.models import create_model, model_class  # noqa: E402
@@ -276,8 +276,8 @@ def report(args: argparse.Namespace, variants: dict, models: dict) -> None:
     pre = [x for x in pre if x.get("key") in keys_now]
     lines = [
         f"\n## {datetime.now(UTC):%Y-%m-%d %H:%M} UTC — `{' '.join(sys.argv[1:])}`\n",
-        f"Machine: {os.cpu_count()} cores, {cpu_model()} ({torch.backends.cpu.get_cpu_capability()}; pretraining bytes "
-        f"differ between CPU kinds, docs/CI.md); ELPV at {args.image_size} px"
+        f"Machine: {os.cpu_count()} cores, {cpu_model()}, kind {machine_kind()} (pretraining bytes differ between "
+        f"kinds, docs/CI.md); ELPV at {args.image_size} px"
         + (f", first {args.max_train} train normals" if args.max_train else ", all train normals")
         + "; synthetic_sem as params.yaml. Image AUROC (pixel AUROC for synthetic_sem after the slash); "
         "Δ = fractal − random in AUROC points, paired by seed, mean ± std.\n",

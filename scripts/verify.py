@@ -10,9 +10,10 @@ nothing. Then:
   2. a third ``dvc repro`` in the first copy reruns nothing but the `check` stage (its time is printed;
      target ≤ 5 s, warned about, not failed: wall-clock time on a shared machine is no verdict);
   3. its ``dvc.lock`` agrees with the lock committed for this machine kind,
-     ``profiles/verify-locks/<kind>.lock`` (kind: CPU architecture, torch's CPU capability such as AVX2 or
-     AVX512, torch version: float kernels differ between kinds, so outputs may too). Stage by stage: every
-     stage whose command, dependencies and params equal the recorded ones must have the recorded outputs;
+     ``profiles/verify-locks/<kind>.lock`` (kind: `vadbench.machine.machine_kind`, CPU architecture, vendor,
+     torch's CPU capability such as AVX2 or AVX512, torch version: float kernels differ between kinds, so outputs
+     may too). Stage by stage: every stage whose command, dependencies and params equal the recorded ones must
+     have the recorded outputs;
      a stage whose inputs changed since the recording (a deliberate code or param change) is listed as
      not comparable, not failed. `--update-lock` rewrites the lock of this kind — commit it.
 Exit 0 when all hold, 1 with the differing files listed otherwise. Runs in a few minutes on 2 CPU cores.
@@ -80,21 +81,6 @@ def copy_tracked(dst: Path, params: Path) -> None:
         subprocess.run(args, cwd=dst, check=True, env=env, capture_output=True)
 
 
-def machine_kind() -> str:
-    """CPU architecture, vendor, torch's CPU kernel capability and torch version, e.g.
-    x86_64-AMD-AVX2-torch2.14.1_cu130. The vendor counts: an Intel Xeon and an AMD EPYC, both AVX-512,
-    pretrained different fractal-backbone bytes from the same params (2026-12-07)."""
-    import platform
-
-    import torch
-
-    from vadbench.machine import cpu_vendor
-
-    capability = torch.backends.cpu.get_cpu_capability()
-    kind = f"{platform.machine()}-{cpu_vendor()}-{capability}-torch{torch.__version__}"
-    return kind.replace("+", "_").replace(" ", "_")
-
-
 def compare_locks(recorded: str, current: str) -> tuple[list[str], list[str]]:
     """(problems, not comparable): stages whose cmd, deps and params match the recording must match its outs."""
     import yaml
@@ -150,6 +136,8 @@ def main() -> int:
     ap.add_argument("--update-lock", action="store_true", help="write the first run's dvc.lock to --lock")
     ap.add_argument("--keep", action="store_true", help="keep the two project copies (printed)")
     args = ap.parse_args()
+    from vadbench.machine import machine_kind
+
     kind = machine_kind()
     if args.lock is None:
         args.lock = ROOT / "profiles" / "verify-locks" / f"{kind}.lock"

@@ -187,7 +187,7 @@ def test_interrupted_run_resumes_to_identical_weights(tmp_path, one_thread):
 # sha256 of weights.safetensors of `_run(make_fake_fractals(num_classes=4, instances=8, size=32), epochs=2)`
 # (TINY params, seed 0, 1 thread), computed with the code of commit baf76a5, BEFORE `objective`/`augment`
 # existed, by running exactly that in a script (/tmp/pre/baseline.py at the time). Float kernels differ between
-# CPU kinds (scripts/verify.py machine_kind), so the value is recorded per kind; a kind without a value checks only that two runs agree.
+# CPU kinds (vadbench.machine.machine_kind), so the value is recorded per kind; a kind without a value checks only that two runs agree.
 DEFAULT_RECIPE_WEIGHTS_SHA256 = {
     "x86_64-AMD-AVX2-torch2.14.1_cu130": "79c7a63d22926aae9ce0a66f51073ba4f9f66208fc9792fe10ba52991c9249ef",
     # 2026-12-07, a 2-core Intel Xeon: the same run with baf76a5's code (a worktree) and with main's gave this
@@ -198,22 +198,11 @@ DEFAULT_RECIPE_WEIGHTS_SHA256 = {
 DEFAULT_RECIPE_CROPS_SHA256 = "ff6d2ca119cb64549f905375a115f6d0ff688bb8dbb26f55edc913b0eb1e17ae"
 
 
-def _machine_kind() -> str:
-    """The verify locks' machine kind (scripts/verify.py): weights hashes are per kind for the same reason."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(
-        "vadbench_verify", Path(__file__).parents[1] / "scripts" / "verify.py"
-    )
-    verify = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(verify)
-    return verify.machine_kind()
-
-
 def test_default_recipe_is_unchanged(tmp_path, one_thread):
     import hashlib
 
     from vadbench.io import sha256_file
+    from vadbench.machine import machine_kind
 
     fr = make_fake_fractals(tmp_path / "fr", num_classes=4, instances=8, size=32)
     ds = FractalImages(read_fractal_split(fr, 0.25, seed=0).train, input_size=32, crop_size=28, train=True, seed=0)
@@ -227,7 +216,7 @@ def test_default_recipe_is_unchanged(tmp_path, one_thread):
     _run(fr, tmp_path, tmp_path / "work", epochs=2)
     extra = read_card(tmp_path / "pretrain").extra
     assert not {"objective", "augment", "crop_scale", "val_metric"} & set(extra)  # default card: as before
-    expected = DEFAULT_RECIPE_WEIGHTS_SHA256.get(_machine_kind())
+    expected = DEFAULT_RECIPE_WEIGHTS_SHA256.get(machine_kind())
     if expected is None:
         # no hash recorded for this machine kind (float kernels differ between kinds): the weights must at least be
         # reproducible here, byte for byte, from a second run of the same recipe

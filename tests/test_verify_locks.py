@@ -48,9 +48,9 @@ def test_machine_kind_names_the_cpu_vendor_capability_and_torch():
 
     import torch
 
-    from vadbench.machine import cpu_vendor
+    from vadbench.machine import cpu_vendor, machine_kind
 
-    kind = verify.machine_kind()
+    kind = machine_kind()
     assert kind.startswith(f"{platform.machine()}-{cpu_vendor()}-{torch.backends.cpu.get_cpu_capability()}-torch")
     assert "+" not in kind and "/" not in kind and " " not in kind
 

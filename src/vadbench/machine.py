@@ -1,7 +1,7 @@
 """What machine a result came from: CPU model and vendor, read from /proc/cpuinfo where there is one.
 
-Benchmark reports name the CPU with `cpu_model`; `scripts/verify.py` puts `cpu_vendor` into the machine kind its
-locks are filed under. No DVC stage depends on this module: what it reports never enters a cached output.
+Benchmark reports name the CPU with `cpu_model`; `machine_kind` (with `cpu_vendor` in it) is the kind that
+`scripts/verify.py` files its locks under and that per-kind recorded hashes are keyed by. No DVC stage depends on this module: what it reports never enters a cached output.
 """
 
 from __future__ import annotations
@@ -36,3 +36,14 @@ def cpu_vendor() -> str:
     machine kind: with the same AVX-512 capability an Intel Xeon and an AMD EPYC pretrain different bytes."""
     vendor = _cpuinfo_field("vendor_id")
     return _VENDORS.get(vendor, vendor) if vendor else "unknown"
+
+
+def machine_kind() -> str:
+    """CPU architecture, vendor, torch's CPU kernel capability and torch version, e.g.
+    x86_64-AMD-AVX2-torch2.14.1_cu130: the machines that give the same float bytes (docs/CI.md). The vendor counts:
+    an Intel Xeon and an AMD EPYC, both AVX-512, pretrained different fractal-backbone bytes from the same params
+    (2026-12-07)."""
+    import torch
+
+    kind = f"{platform.machine()}-{cpu_vendor()}-{torch.backends.cpu.get_cpu_capability()}-torch{torch.__version__}"
+    return kind.replace("+", "_").replace(" ", "_")
